@@ -1,0 +1,368 @@
+//! Where vfrelay's packets go: the host side of a virtio-net port.
+//!
+//! Every backend implements [`Backend`], one instance per queue pair. The
+//! dataplane (in the `vfrelay` crate) drives it from a single thread per queue
+//! pair, so a backend needs no locking: `&mut self` is enough.
+//!
+//! Frames cross the trait as plain Ethernet frames, or, when
+//! [`Backend::vnet_hdr`] is true, prefixed by the 12-byte `virtio_net_hdr_v1`
+//! (tap with IFF_VNET_HDR: offload metadata passes through untouched).
+
+use std::fmt;
+use std::os::fd::RawFd;
+use std::str::FromStr;
+
+pub mod af_xdp;
+pub mod loopback;
+pub mod tap;
+
+/// Size of `struct virtio_net_hdr_v1` (VERSION_1 / MRG_RXBUF layout).
+pub const VNET_HDR_LEN: usize = 12;
+
+/// Largest frame any backend hands over: a 64 KiB GSO frame plus header.
+pub const MAX_FRAME_LEN: usize = 65536 + VNET_HDR_LEN + 14 + 4;
+
+/// virtio-net feature bits a backend can serve (subset of VIRTIO_NET_F_*).
+pub mod features {
+    pub const CSUM: u64 = 1 << 0;
+    pub const GUEST_CSUM: u64 = 1 << 1;
+    pub const GUEST_TSO4: u64 = 1 << 7;
+    pub const GUEST_TSO6: u64 = 1 << 8;
+    pub const GUEST_ECN: u64 = 1 << 9;
+    pub const GUEST_UFO: u64 = 1 << 10;
+    pub const HOST_TSO4: u64 = 1 << 11;
+    pub const HOST_TSO6: u64 = 1 << 12;
+    pub const HOST_ECN: u64 = 1 << 13;
+    pub const HOST_UFO: u64 = 1 << 14;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid backend spec '{spec}': {reason}")]
+    Spec { spec: String, reason: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Error {
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+    /// `what` plus errno, for failed syscalls.
+    pub fn last_os(what: impl Into<String>) -> Self {
+        Self::io(what, std::io::Error::last_os_error())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Per-backend counters, read by the stats reporter.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BackendStats {
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    /// Frames the backend had to drop (e.g. oversized, kernel refused).
+    pub tx_dropped: u64,
+    pub rx_dropped: u64,
+}
+
+/// One queue pair's host-side endpoint.
+pub trait Backend: Send {
+    /// Short description for logs, e.g. `tap vfr0 q0`.
+    fn describe(&self) -> String;
+
+    /// True when frames in both directions carry a leading
+    /// `virtio_net_hdr_v1` ([`VNET_HDR_LEN`] bytes).
+    fn vnet_hdr(&self) -> bool {
+        false
+    }
+
+    /// Queue one frame for transmission, given as scatter-gather segments.
+    ///
+    /// The segments may point into guest memory, which the guest can change
+    /// at any time: copy out of them, never build references to them.
+    /// Returns `Ok(false)` when the backend is full and the frame was NOT
+    /// taken (the dataplane retries it later); `Ok(true)` when it was taken
+    /// (sent, queued or deliberately dropped and counted).
+    fn tx_frame(&mut self, segs: &[libc::iovec]) -> Result<bool>;
+
+    /// Push queued frames out (e.g. one sendto() kick for a whole burst).
+    fn tx_flush(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Offer up to `max` received frames to `sink`, oldest first. `sink`
+    /// returns false when it has no room: the backend then stops and keeps
+    /// that frame for the next call. Returns how many frames were consumed.
+    fn rx_burst(&mut self, max: usize, sink: &mut dyn FnMut(&[u8]) -> bool) -> Result<usize>;
+
+    /// A file descriptor that becomes readable when frames are waiting (and
+    /// writable when a full TX path has room again), or None when the backend
+    /// only ever has frames as a result of `tx_frame` (loopback). It is
+    /// watched edge-triggered, so `rx_burst` must be called until it drains.
+    fn poll_fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    /// The guest acked these virtio-net features (offloads it can receive).
+    fn set_offloads(&mut self, _virtio_features: u64) -> Result<()> {
+        Ok(())
+    }
+
+    fn stats(&self) -> BackendStats;
+}
+
+/// A parsed `--backend SPEC` (QEMU -netdev style).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendSpec {
+    Loopback,
+    Tap {
+        ifname: String,
+    },
+    AfXdp {
+        ifname: String,
+        queue: u32,
+        mode: XdpMode,
+    },
+    Vf {
+        pf: String,
+        index: u32,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpMode {
+    Copy,
+    ZeroCopy,
+    Auto,
+}
+
+impl Default for BackendSpec {
+    fn default() -> Self {
+        BackendSpec::Tap {
+            ifname: "vfr0".into(),
+        }
+    }
+}
+
+impl fmt::Display for BackendSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendSpec::Loopback => write!(f, "loopback"),
+            BackendSpec::Tap { ifname } => write!(f, "tap,ifname={ifname}"),
+            BackendSpec::AfXdp {
+                ifname,
+                queue,
+                mode,
+            } => {
+                let m = match mode {
+                    XdpMode::Copy => "copy",
+                    XdpMode::ZeroCopy => "zerocopy",
+                    XdpMode::Auto => "auto",
+                };
+                write!(f, "af-xdp,ifname={ifname},queue={queue},mode={m}")
+            }
+            BackendSpec::Vf { pf, index } => write!(f, "vf,pf={pf},index={index}"),
+        }
+    }
+}
+
+fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < libc::IFNAMSIZ
+        && !name.contains(['/', ' ', ',', '='])
+        && name != "."
+        && name != ".."
+}
+
+impl FromStr for BackendSpec {
+    type Err = Error;
+
+    fn from_str(spec: &str) -> Result<Self> {
+        let err = |reason: String| Error::Spec {
+            spec: spec.to_string(),
+            reason,
+        };
+        let mut parts = spec.split(',');
+        let kind = parts.next().unwrap_or_default();
+        let mut opts: Vec<(&str, &str)> = Vec::new();
+        for p in parts {
+            let (k, v) = p
+                .split_once('=')
+                .ok_or_else(|| err(format!("option '{p}' is not key=value")))?;
+            if opts.iter().any(|(ok, _)| *ok == k) {
+                return Err(err(format!("option '{k}' given twice")));
+            }
+            opts.push((k, v));
+        }
+        let allow = |names: &[&str]| -> Result<()> {
+            for (k, _) in &opts {
+                if !names.contains(k) {
+                    return Err(err(format!("unknown option '{k}' for {kind}")));
+                }
+            }
+            Ok(())
+        };
+        let get = |k: &str| opts.iter().find(|(ok, _)| *ok == k).map(|(_, v)| *v);
+        let ifname = |k: &str, default: Option<&str>| -> Result<String> {
+            let v = get(k)
+                .or(default)
+                .ok_or_else(|| err(format!("{kind} needs {k}=NAME")))?;
+            if !valid_ifname(v) {
+                return Err(err(format!("'{v}' is not a valid interface name")));
+            }
+            Ok(v.to_string())
+        };
+        let number = |k: &str, default: Option<u32>| -> Result<u32> {
+            match get(k) {
+                Some(v) => v
+                    .parse()
+                    .map_err(|_| err(format!("{k}={v} is not a number"))),
+                None => default.ok_or_else(|| err(format!("{kind} needs {k}=N"))),
+            }
+        };
+        match kind {
+            "loopback" => {
+                allow(&[])?;
+                Ok(BackendSpec::Loopback)
+            }
+            "tap" => {
+                allow(&["ifname"])?;
+                Ok(BackendSpec::Tap {
+                    ifname: ifname("ifname", Some("vfr0"))?,
+                })
+            }
+            "af-xdp" => {
+                allow(&["ifname", "queue", "mode"])?;
+                let mode = match get("mode").unwrap_or("auto") {
+                    "copy" => XdpMode::Copy,
+                    "zerocopy" => XdpMode::ZeroCopy,
+                    "auto" => XdpMode::Auto,
+                    m => return Err(err(format!("mode={m}: expected copy, zerocopy or auto"))),
+                };
+                Ok(BackendSpec::AfXdp {
+                    ifname: ifname("ifname", None)?,
+                    queue: number("queue", Some(0))?,
+                    mode,
+                })
+            }
+            "vf" => {
+                allow(&["pf", "index"])?;
+                Ok(BackendSpec::Vf {
+                    pf: ifname("pf", None)?,
+                    index: number("index", None)?,
+                })
+            }
+            "" => Err(err("empty backend spec".into())),
+            other => Err(err(format!(
+                "unknown backend '{other}' (expected loopback, tap, af-xdp or vf)"
+            ))),
+        }
+    }
+}
+
+impl BackendSpec {
+    /// virtio-net offload features this backend can honour.
+    pub fn offload_features(&self) -> u64 {
+        match self {
+            BackendSpec::Tap { .. } => tap::OFFLOAD_FEATURES,
+            _ => 0,
+        }
+    }
+
+    /// Open the backend: one [`Backend`] per queue pair.
+    pub fn open(&self, queue_pairs: usize) -> Result<Vec<Box<dyn Backend>>> {
+        match self {
+            BackendSpec::Loopback => Ok((0..queue_pairs)
+                .map(|q| Box::new(loopback::Loopback::new(q)) as Box<dyn Backend>)
+                .collect()),
+            BackendSpec::Tap { ifname } => tap::open(ifname, queue_pairs),
+            BackendSpec::AfXdp {
+                ifname,
+                queue,
+                mode,
+            } => af_xdp::open(ifname, *queue, *mode, queue_pairs),
+            BackendSpec::Vf { .. } => Err(Error::Other(
+                "the vf backend is not implemented yet (SR-IOV issue)".into(),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_specs() {
+        assert_eq!("loopback".parse::<BackendSpec>().unwrap(), BackendSpec::Loopback);
+        assert_eq!(
+            "tap".parse::<BackendSpec>().unwrap(),
+            BackendSpec::Tap {
+                ifname: "vfr0".into()
+            }
+        );
+        assert_eq!(
+            "tap,ifname=t1".parse::<BackendSpec>().unwrap(),
+            BackendSpec::Tap { ifname: "t1".into() }
+        );
+        assert_eq!(
+            "af-xdp,ifname=veth0,queue=1,mode=copy"
+                .parse::<BackendSpec>()
+                .unwrap(),
+            BackendSpec::AfXdp {
+                ifname: "veth0".into(),
+                queue: 1,
+                mode: XdpMode::Copy
+            }
+        );
+        assert_eq!(
+            "vf,pf=eth0,index=3".parse::<BackendSpec>().unwrap(),
+            BackendSpec::Vf {
+                pf: "eth0".into(),
+                index: 3
+            }
+        );
+    }
+
+    #[test]
+    fn rejects_bad_specs() {
+        for bad in [
+            "",
+            "tun",
+            "tap,ifname",
+            "tap,ifname=",
+            "tap,ifname=a/b",
+            "tap,ifname=waytoolonginterfacename",
+            "tap,foo=1",
+            "tap,ifname=a,ifname=b",
+            "af-xdp",
+            "af-xdp,ifname=v,queue=x",
+            "af-xdp,ifname=v,mode=fast",
+            "vf,pf=eth0",
+            "loopback,x=1",
+        ] {
+            let e = bad.parse::<BackendSpec>().unwrap_err();
+            assert!(e.to_string().starts_with("invalid backend spec"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for s in ["loopback", "tap,ifname=x", "af-xdp,ifname=v,queue=2,mode=copy", "vf,pf=p,index=1"] {
+            let spec: BackendSpec = s.parse().unwrap();
+            assert_eq!(spec.to_string().parse::<BackendSpec>().unwrap(), spec);
+        }
+    }
+}
