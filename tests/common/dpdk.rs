@@ -1,0 +1,286 @@
+//! `dpdk-testpmd` as a scripted peer: spawned in interactive mode (`-i`) and
+//! driven command by command over stdin, its output collected and parsed.
+//! The process is killed on drop; while a test panics, drop prints the end of
+//! the transcript.
+//!
+//! testpmd busy-polls its forwarding lcore, and this machine has two cores:
+//! tests that run testpmd take [`exclusive`] first so at most one such test
+//! runs at a time (also across the processes nextest starts).
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+pub const TESTPMD: &str = "dpdk-testpmd";
+const PROMPT: &str = "testpmd> ";
+
+/// Hugepages one testpmd with `--total-num-mbufs=32768` needs, with margin.
+pub const HUGEPAGES_NEEDED: u64 = 200;
+
+/// Why testpmd tests cannot run here, or None when they can.
+pub fn missing_prerequisite() -> Option<String> {
+    if !super::is_root() {
+        return Some("needs root".into());
+    }
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(TESTPMD).is_file()))
+        .unwrap_or(false);
+    if !found {
+        return Some(format!("{TESTPMD} not in PATH (install dpdk-dev)"));
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let free = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("HugePages_Free:"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    if free < HUGEPAGES_NEEDED {
+        return Some(format!(
+            "{free} free hugepages, need {HUGEPAGES_NEEDED} (scripts/setup-host.sh)"
+        ));
+    }
+    None
+}
+
+/// Held while a test runs testpmd: an exclusive flock, released on drop.
+pub struct Exclusive(File);
+
+/// Waits until no other testpmd test (in any process) runs.
+pub fn exclusive() -> Exclusive {
+    let f = File::create("/tmp/vfrelay-testpmd.lock").expect("create /tmp/vfrelay-testpmd.lock");
+    // SAFETY: flock on a descriptor we own; blocks until granted.
+    while unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        let e = std::io::Error::last_os_error();
+        assert_eq!(e.raw_os_error(), Some(libc::EINTR), "flock: {e}");
+    }
+    Exclusive(f)
+}
+
+/// Counters of `show port stats N`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PortStats {
+    pub rx_packets: u64,
+    pub rx_missed: u64,
+    pub rx_bytes: u64,
+    pub rx_errors: u64,
+    pub rx_nombuf: u64,
+    pub tx_packets: u64,
+    pub tx_errors: u64,
+    pub tx_bytes: u64,
+}
+
+/// The number after the first `key:` in `text` (testpmd prints
+/// `RX-packets: 123    RX-missed: 0 ...`).
+pub fn field(text: &str, key: &str) -> Option<u64> {
+    let pat = format!("{key}:");
+    let mut from = 0;
+    while let Some(i) = text[from..].find(&pat) {
+        let at = from + i;
+        from = at + pat.len();
+        // Whole key only: "RX-packets" must not match inside "XRX-packets".
+        let prev = text[..at].chars().next_back();
+        if prev.is_some_and(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            continue;
+        }
+        let digits: String = text[from..]
+            .trim_start_matches([' ', '\t'])
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect();
+        return digits.parse().ok();
+    }
+    None
+}
+
+impl PortStats {
+    /// Parses the output of `show port stats N` (one port).
+    pub fn parse(text: &str) -> Result<PortStats, String> {
+        let block = match text.find("NIC statistics for port") {
+            Some(i) => &text[i..],
+            None => return Err(format!("no port statistics in:\n{text}")),
+        };
+        let get = |k: &str| field(block, k).ok_or_else(|| format!("no {k} in:\n{block}"));
+        Ok(PortStats {
+            rx_packets: get("RX-packets")?,
+            rx_missed: get("RX-missed")?,
+            rx_bytes: get("RX-bytes")?,
+            rx_errors: get("RX-errors")?,
+            rx_nombuf: get("RX-nombuf")?,
+            tx_packets: get("TX-packets")?,
+            tx_errors: get("TX-errors")?,
+            tx_bytes: get("TX-bytes")?,
+        })
+    }
+}
+
+/// A running interactive testpmd.
+pub struct Testpmd {
+    name: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    rx: Receiver<Vec<u8>>,
+    /// Everything it printed so far.
+    out: String,
+    /// End of the output already consumed by a prompt wait.
+    seen: usize,
+    args: Vec<String>,
+}
+
+impl Testpmd {
+    /// Starts `dpdk-testpmd EAL... -- -i APP...` and waits (`timeout`) for
+    /// the first prompt. `name` labels it in messages.
+    pub fn spawn(name: &str, eal: &[String], app: &[String], timeout: Duration) -> Result<Testpmd, String> {
+        let mut args: Vec<String> = eal.to_vec();
+        args.push("--".into());
+        args.push("-i".into());
+        args.extend_from_slice(app);
+        let mut child = Command::new(TESTPMD)
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start {TESTPMD}: {e}"))?;
+        let (tx, rx) = channel();
+        let pipes: Vec<Box<dyn Read + Send>> = vec![
+            Box::new(child.stdout.take().expect("stdout piped")),
+            Box::new(child.stderr.take().expect("stderr piped")),
+        ];
+        for mut pipe in pipes {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut chunk = [0u8; 8192];
+                while let Ok(n) = pipe.read(&mut chunk) {
+                    if n == 0 || tx.send(chunk[..n].to_vec()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        let mut t = Testpmd {
+            name: name.to_string(),
+            stdin: child.stdin.take(),
+            child,
+            rx,
+            out: String::new(),
+            seen: 0,
+            args,
+        };
+        t.wait_prompt(timeout)
+            .map_err(|e| format!("{e} (starting: {TESTPMD} {})", t.args.join(" ")))?;
+        Ok(t)
+    }
+
+    /// Waits for the next prompt; returns the output before it.
+    fn wait_prompt(&mut self, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.out[self.seen..].find(PROMPT) {
+                let text = self.out[self.seen..self.seen + i].to_string();
+                self.seen += i + PROMPT.len();
+                return Ok(text);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!("{}: no prompt within {timeout:?}", self.name));
+            }
+            match self.rx.recv_timeout(left) {
+                Ok(chunk) => self.out.push_str(&String::from_utf8_lossy(&chunk)),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    let st = self.child.wait().map(|s| s.to_string()).unwrap_or_default();
+                    return Err(format!("{}: testpmd exited ({st})", self.name));
+                }
+            }
+        }
+    }
+
+    /// Runs one command and returns its output (up to the next prompt).
+    pub fn cmd(&mut self, command: &str, timeout: Duration) -> Result<String, String> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| format!("{}: stdin closed", self.name))?;
+        stdin
+            .write_all(format!("{command}\n").as_bytes())
+            .and_then(|_| stdin.flush())
+            .map_err(|e| format!("{}: write '{command}': {e}", self.name))?;
+        self.wait_prompt(timeout)
+            .map_err(|e| format!("{e} after '{command}'"))
+    }
+
+    /// `show port stats <port>`, parsed.
+    pub fn port_stats(&mut self, port: u16) -> Result<PortStats, String> {
+        let out = self.cmd(&format!("show port stats {port}"), Duration::from_secs(10))?;
+        PortStats::parse(&out).map_err(|e| format!("{}: {e}", self.name))
+    }
+
+    /// `quit`, then waits for the process to exit (killed after `timeout`).
+    pub fn quit(&mut self, timeout: Duration) -> Result<ExitStatus, String> {
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = stdin.write_all(b"quit\n");
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Keep collecting output so the pipes never fill up.
+            while let Ok(chunk) = self.rx.try_recv() {
+                self.out.push_str(&String::from_utf8_lossy(&chunk));
+            }
+            match self.child.try_wait() {
+                Ok(Some(st)) => return Ok(st),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return Err(format!("{}: did not exit within {timeout:?} of quit", self.name));
+                }
+            }
+        }
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Everything testpmd printed so far.
+    pub fn transcript(&self) -> &str {
+        &self.out
+    }
+
+    /// The end of the transcript framed for a failure message.
+    pub fn transcript_tail(&self, bytes: usize) -> String {
+        let mut start = self.out.len().saturating_sub(bytes);
+        while !self.out.is_char_boundary(start) {
+            start += 1;
+        }
+        format!(
+            "--- testpmd {} ({TESTPMD} {}) output, last {} bytes ---\n{}\n--- end testpmd {} ---",
+            self.name,
+            self.args.join(" "),
+            self.out.len() - start,
+            &self.out[start..],
+            self.name
+        )
+    }
+}
+
+impl Drop for Testpmd {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            while let Ok(chunk) = self.rx.try_recv() {
+                self.out.push_str(&String::from_utf8_lossy(&chunk));
+            }
+            eprintln!("{}", self.transcript_tail(12000));
+        }
+    }
+}
