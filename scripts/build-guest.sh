@@ -99,13 +99,27 @@ if [[ "$KPKG" == *=* ]]; then
     want="$OUT/cache/${KNAME}_${KVER_DEB//:/%3a}_amd64.deb"
     if [ ! -s "$want" ]; then DEB=""; fi
 fi
-if [ -z "$DEB" ] || [ ! -s "$DEB" ]; then
+download() {
     log "downloading $KPKG"
     # apt-get download writes into the current directory. As root it
     # warns that the download is unsandboxed; that is harmless here.
     (cd "$OUT/cache" && apt-get download -q "$KPKG" 2>&1 | grep -v unsandboxed >&2 || true)
     DEB=$(ls "$OUT"/cache/"${KNAME}"_*.deb 2>/dev/null | sort -V | tail -n1 || true)
-    [ -n "$DEB" ] && [ -s "$DEB" ] || die "apt-get download $KPKG failed"
+    [ -n "$DEB" ] && [ -s "$DEB" ]
+}
+if [ -z "$DEB" ] || [ ! -s "$DEB" ]; then
+    if ! download; then
+        # Stale package lists name a version the mirror no longer has.
+        [ -z "${VFRELAY_GUEST_KPKG:-}" ] || die "apt-get download $KPKG failed"
+        log "download failed; refreshing package lists"
+        apt-get update -q >&2
+        KPKG=$(pick_kernel_pkg) || die "no linux-image 6.12 in bookworm-backports"
+        KNAME=${KPKG%%=*}
+        STAMP=$( { echo "$KPKG"; sha256sum "$SELF" "$BUSYBOX"; } | sha256sum | cut -d' ' -f1)
+        download || die "apt-get download $KPKG failed"
+    fi
+    # Keep only the package in use.
+    find "$OUT/cache" -name '*.deb' ! -name "$(basename "$DEB")" -delete
 fi
 
 KROOT="$OUT/kernel-pkg"
