@@ -1,1 +1,223 @@
-fn main(){}
+//! vfrelay: a software vDPA dataplane. Serves virtio-net rings to a guest
+//! and relays every packet to a host-side backend.
+
+mod dataplane;
+mod device;
+mod frontend;
+mod shutdown;
+mod stats;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use log::{error, info};
+use vfrelay_backends::BackendSpec;
+
+use device::NetConfig;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vfrelay",
+    version,
+    about = "Software vDPA dataplane for virtio-net"
+)]
+struct Cli {
+    /// More log output (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve a virtio-net device over a vhost-user socket.
+    VhostUser(VhostUserArgs),
+}
+
+#[derive(Args, Debug)]
+struct DeviceArgs {
+    /// Guest MAC address (default: random, locally administered).
+    #[arg(long, value_parser = device::parse_mac)]
+    mac: Option<[u8; 6]>,
+    /// MTU reported to the driver.
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u16).range(68..=9000))]
+    mtu: u16,
+    /// Busy-poll rings and backend on dedicated threads.
+    #[arg(long)]
+    poll: bool,
+    /// Where packets go: loopback | tap[,ifname=NAME] |
+    /// af-xdp,ifname=NAME[,queue=Q][,mode=copy|zerocopy|auto] | vf,pf=NAME,index=N
+    #[arg(long, default_value = "tap,ifname=vfr0", value_parser = parse_backend)]
+    backend: BackendSpec,
+}
+
+#[derive(Args, Debug)]
+struct VhostUserArgs {
+    /// vhost-user socket path.
+    #[arg(long)]
+    socket: PathBuf,
+    /// Connect to a front end that listens, instead of listening.
+    #[arg(long)]
+    client: bool,
+    /// Queue pairs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    queues: u16,
+    /// Largest ring size the front end may use (power of two).
+    #[arg(long, default_value_t = 1024, value_parser = parse_queue_size)]
+    queue_size: u16,
+    #[command(flatten)]
+    dev: DeviceArgs,
+}
+
+fn parse_backend(s: &str) -> Result<BackendSpec, String> {
+    s.parse()
+        .map_err(|e: vfrelay_backends::Error| e.to_string())
+}
+
+fn parse_queue_size(s: &str) -> Result<u16, String> {
+    let n: u32 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if !(64..=32768).contains(&n) || !n.is_power_of_two() {
+        return Err(format!("{n} is not a power of two between 64 and 32768"));
+    }
+    Ok(n as u16)
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
+        .format_timestamp_millis()
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::SUCCESS
+                };
+            }
+            // One line, as the usage text would bury the reason.
+            let msg = e.render().to_string();
+            let line = msg.lines().next().unwrap_or("invalid arguments");
+            eprintln!("vfrelay: {}", line.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(cli.verbose);
+    shutdown::install();
+    match run(cli.cmd) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("vfrelay: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cmd: Command) -> Result<(), Box<dyn std::error::Error>> {
+    match cmd {
+        Command::VhostUser(a) => {
+            let cfg = NetConfig {
+                mac: a.dev.mac.unwrap_or_else(device::random_mac),
+                mtu: a.dev.mtu,
+                queue_pairs: a.queues as usize,
+                queue_size: a.queue_size,
+                poll: a.dev.poll,
+            };
+            let backends = a.dev.backend.open(cfg.queue_pairs)?;
+            info!(
+                "vhost-user virtio-net: mac {} mtu {} queue pairs {} backend {}{}",
+                device::format_mac(&cfg.mac),
+                cfg.mtu,
+                cfg.queue_pairs,
+                a.dev.backend,
+                if cfg.poll { " (polling)" } else { "" }
+            );
+            let net = frontend::vhost_user::VhostUserNet::new(
+                cfg,
+                a.dev.backend.offload_features(),
+                backends,
+            );
+            frontend::vhost_user::run(net, &a.socket, a.client)?;
+            info!("stopped");
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("vfrelay").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_spellings() {
+        let c = parse(&[
+            "vhost-user",
+            "--socket",
+            "/tmp/s",
+            "--client",
+            "--queues",
+            "2",
+            "--queue-size",
+            "256",
+            "--mac",
+            "52:54:00:00:00:01",
+            "--mtu",
+            "9000",
+            "--poll",
+            "--backend",
+            "af-xdp,ifname=v0,queue=1,mode=copy",
+        ])
+        .unwrap();
+        let Command::VhostUser(a) = c.cmd;
+        assert!(a.client && a.dev.poll);
+        assert_eq!((a.queues, a.queue_size, a.dev.mtu), (2, 256, 9000));
+        assert_eq!(
+            a.dev.backend.to_string(),
+            "af-xdp,ifname=v0,queue=1,mode=copy"
+        );
+        let Command::VhostUser(a) = parse(&["vhost-user", "--socket", "/tmp/s"]).unwrap().cmd;
+        assert_eq!(a.dev.backend, BackendSpec::default());
+        assert_eq!(a.queues, 1);
+    }
+
+    #[test]
+    fn cli_rejects_bad_input() {
+        for args in [
+            &["vhost-user"][..],
+            &["vhost-user", "--socket", "/s", "--queues", "0"],
+            &["vhost-user", "--socket", "/s", "--queues", "x"],
+            &["vhost-user", "--socket", "/s", "--queue-size", "1000"],
+            &["vhost-user", "--socket", "/s", "--queue-size", "65536"],
+            &["vhost-user", "--socket", "/s", "--mac", "01:00:5e:00:00:01"],
+            &["vhost-user", "--socket", "/s", "--mtu", "20"],
+            &["vhost-user", "--socket", "/s", "--backend", "nope"],
+            &["vhost-user", "--socket", "/s", "--backend", "tap,ifname="],
+            &["frobnicate"],
+        ] {
+            assert!(parse(args).is_err(), "{args:?}");
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! The hot path, shared by both frontends. A frontend (vhost-user, VDUSE)
+//! only supplies guest memory as a [`MemView`], ring addresses and indices
+//! through [`RingCtl`], and interrupts; everything that touches descriptors
+//! lives here.
+
+pub mod mem;
+pub mod ring;
+mod rx;
+mod tx;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use log::{error, info};
+use vfrelay_backends::Backend;
+
+use crate::stats::QueueStats;
+use mem::MemView;
+use ring::{Chain, ChainError, RingAddrs, SplitRing};
+
+/// Frames moved per burst before the other direction gets a turn.
+pub const BURST: usize = 64;
+
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// What the dataplane needs from a frontend's view of one virtqueue.
+pub trait RingCtl {
+    /// Started and enabled: the device may process it.
+    fn active(&self) -> bool;
+    fn addrs(&self) -> RingAddrs;
+    fn next_avail(&self) -> u16;
+    fn set_next_avail(&mut self, v: u16);
+    fn next_used(&self) -> u16;
+    fn set_next_used(&mut self, v: u16);
+    fn event_idx(&self) -> bool;
+    /// Interrupt the guest.
+    fn signal(&self);
+    /// The queue is stopped for a guest error; raise NEEDS_RESET or the
+    /// error fd where the transport has one.
+    fn broken(&mut self, _err: &ChainError) {}
+}
+
+/// Gives the dataplane one consistent look at a queue pair per round: the
+/// frontend locks its rings (once per burst, never per packet) and passes
+/// the current memory view.
+pub trait RingPairAccess {
+    /// Features the driver acked (may change, e.g. LOG_ALL at migration).
+    fn features(&self) -> u64;
+    fn round(
+        &self,
+        f: &mut dyn FnMut(&Arc<MemView>, &mut dyn RingCtl, &mut dyn RingCtl) -> usize,
+    ) -> usize;
+}
+
+/// Cached translation of one ring plus its stop state.
+#[derive(Default)]
+struct RingSlot {
+    ring: Option<SplitRing>,
+    /// Identity of the MemView the ring was translated with.
+    mem: Option<Arc<MemView>>,
+    broken: bool,
+}
+
+impl RingSlot {
+    /// Ready the cached ring for a burst: None if inactive or stopped.
+    fn prepare(
+        &mut self,
+        ctl: &mut dyn RingCtl,
+        mem: &Arc<MemView>,
+        features: u64,
+        what: &str,
+        stats: &mut QueueStats,
+    ) -> Option<&mut SplitRing> {
+        if !ctl.active() {
+            // A stopped ring that is restarted is a fresh start.
+            self.ring = None;
+            self.mem = None;
+            self.broken = false;
+            return None;
+        }
+        if self.broken {
+            return None;
+        }
+        let addrs = ctl.addrs();
+        let stale = match (&self.ring, &self.mem) {
+            (Some(r), Some(m)) => r.addrs != addrs || !Arc::ptr_eq(m, mem),
+            _ => true,
+        };
+        if stale {
+            match SplitRing::new(mem, addrs) {
+                Ok(r) => {
+                    self.ring = Some(r);
+                    self.mem = Some(mem.clone());
+                }
+                Err(e) => {
+                    self.fail(ctl, what, &e, stats);
+                    return None;
+                }
+            }
+        }
+        let r = self.ring.as_mut().unwrap();
+        r.event_idx = ctl.event_idx();
+        r.indirect = features & VIRTIO_RING_F_INDIRECT_DESC != 0;
+        r.sync(ctl.next_avail(), ctl.next_used());
+        Some(r)
+    }
+
+    fn fail(&mut self, ctl: &mut dyn RingCtl, what: &str, e: &ChainError, stats: &mut QueueStats) {
+        error!("{what}: stopping queue: {e}");
+        stats.chain_errors += 1;
+        self.broken = true;
+        ctl.broken(e);
+    }
+
+    /// Hand indices back to the frontend and interrupt if the guest wants it.
+    fn finish(&mut self, ctl: &mut dyn RingCtl) {
+        if let Some(r) = self.ring.as_mut() {
+            if r.publish_used() {
+                ctl.signal();
+            }
+            ctl.set_next_avail(r.last_avail);
+            ctl.set_next_used(r.next_used);
+        }
+    }
+}
+
+/// One queue pair: RX ring (guest receives), TX ring (guest sends) and the
+/// backend they relay to. Owned by one thread.
+pub struct QueuePair {
+    pub index: usize,
+    pub backend: Box<dyn Backend>,
+    pub stats: QueueStats,
+    features: u64,
+    hdr_len: usize,
+    rx: RingSlot,
+    tx: RingSlot,
+    rx_chain: Chain,
+    tx_chain: Chain,
+    /// TX stopped because the backend was full: wait for it, not the guest.
+    tx_blocked: bool,
+    rx_name: String,
+    tx_name: String,
+}
+
+impl QueuePair {
+    pub fn new(index: usize, backend: Box<dyn Backend>) -> Self {
+        QueuePair {
+            index,
+            rx_name: format!(
+                "queue {} (rx of pair {index}, {})",
+                2 * index,
+                backend.describe()
+            ),
+            tx_name: format!(
+                "queue {} (tx of pair {index}, {})",
+                2 * index + 1,
+                backend.describe()
+            ),
+            backend,
+            stats: QueueStats::default(),
+            features: 0,
+            hdr_len: 12,
+            rx: RingSlot::default(),
+            tx: RingSlot::default(),
+            rx_chain: Chain::default(),
+            tx_chain: Chain::default(),
+            tx_blocked: false,
+        }
+    }
+
+    fn sync_features(&mut self, features: u64) {
+        if features != self.features {
+            self.set_features(features);
+        }
+    }
+
+    /// Features the driver acked: fixes the header layout and offloads.
+    pub fn set_features(&mut self, features: u64) {
+        self.features = features;
+        self.hdr_len = if features & (VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF) != 0 {
+            12
+        } else {
+            10
+        };
+        if let Err(e) = self.backend.set_offloads(features) {
+            error!("{}: setting offloads: {e}", self.backend.describe());
+        }
+    }
+
+    /// Forget ring state (frontend disconnected or device reset).
+    pub fn reset(&mut self) {
+        self.rx = RingSlot::default();
+        self.tx = RingSlot::default();
+        self.tx_blocked = false;
+    }
+
+    /// One round: a TX burst then an RX burst. Returns frames moved.
+    pub fn round(
+        &mut self,
+        mem: &Arc<MemView>,
+        rx: &mut dyn RingCtl,
+        tx: &mut dyn RingCtl,
+    ) -> usize {
+        let mut moved = 0;
+        let feats = self.features;
+        if let Some(ring) = self
+            .tx
+            .prepare(tx, mem, feats, &self.tx_name, &mut self.stats)
+        {
+            match tx::burst(
+                ring,
+                mem,
+                &mut self.tx_chain,
+                &mut *self.backend,
+                self.hdr_len,
+                &mut self.stats,
+            ) {
+                Ok((n, blocked)) => {
+                    moved += n;
+                    self.tx_blocked = blocked;
+                }
+                Err(e) => self.tx.fail(tx, &self.tx_name, &e, &mut self.stats),
+            }
+            self.tx.finish(tx);
+        }
+        if let Some(ring) = self
+            .rx
+            .prepare(rx, mem, feats, &self.rx_name, &mut self.stats)
+        {
+            let mrg = feats & VIRTIO_NET_F_MRG_RXBUF != 0;
+            match rx::burst(
+                ring,
+                mem,
+                &mut self.rx_chain,
+                &mut *self.backend,
+                self.hdr_len,
+                mrg,
+                &mut self.stats,
+            ) {
+                Ok(n) => moved += n,
+                Err(e) => self.rx.fail(rx, &self.rx_name, &e, &mut self.stats),
+            }
+            self.rx.finish(rx);
+        }
+        if moved > 0 {
+            // Loopback frames produced by TX are waiting; a blocked TX may
+            // have room now that RX drained.
+            self.tx_blocked = false;
+        }
+        moved
+    }
+
+    fn set_kicks(
+        &mut self,
+        mem: &Arc<MemView>,
+        rx: &mut dyn RingCtl,
+        tx: &mut dyn RingCtl,
+        on: bool,
+    ) {
+        let feats = self.features;
+        let set = |r: &mut SplitRing| {
+            if on {
+                r.enable_kicks();
+            } else {
+                r.disable_kicks();
+            }
+        };
+        if let Some(r) = self
+            .rx
+            .prepare(rx, mem, feats, &self.rx_name, &mut self.stats)
+        {
+            set(r);
+        }
+        if let Some(r) = self
+            .tx
+            .prepare(tx, mem, feats, &self.tx_name, &mut self.stats)
+        {
+            set(r);
+        }
+    }
+
+    /// Event mode: work until idle, then re-arm guest kicks and look once
+    /// more so a buffer added meanwhile is not missed.
+    pub fn run_event(&mut self, rings: &dyn RingPairAccess) {
+        self.sync_features(rings.features());
+        loop {
+            while rings.round(&mut |m, rx, tx| self.round(m, rx, tx)) > 0 {}
+            let again = rings.round(&mut |m, rx, tx| {
+                self.set_kicks(m, rx, tx, true);
+                let n = self.round(m, rx, tx);
+                if n > 0 {
+                    self.set_kicks(m, rx, tx, false);
+                }
+                n
+            });
+            if again == 0 {
+                break;
+            }
+        }
+    }
+
+    /// Poll mode: spin on rings and backend until `stop` is set or both
+    /// rings are stopped by the frontend. Guest kicks stay off.
+    pub fn run_poll(&mut self, rings: &dyn RingPairAccess, stop: &AtomicBool) {
+        info!("queue pair {}: polling", self.index);
+        let mut idle_rounds = 0u32;
+        let mut armed = false;
+        loop {
+            if idle_rounds % 1024 == 0 {
+                self.sync_features(rings.features());
+            }
+            let mut active = false;
+            let n = rings.round(&mut |m, rx, tx| {
+                active = rx.active() || tx.active();
+                if !armed && active {
+                    self.set_kicks(m, rx, tx, false);
+                    armed = true;
+                }
+                self.round(m, rx, tx)
+            });
+            if n == 0 {
+                idle_rounds += 1;
+                if idle_rounds % 1024 == 0 {
+                    if stop.load(Ordering::Relaxed) || !active {
+                        break;
+                    }
+                    // Re-arm in case the rings were restarted meanwhile.
+                    armed = false;
+                }
+                std::hint::spin_loop();
+            } else {
+                idle_rounds = 0;
+            }
+        }
+        info!("queue pair {}: polling stopped", self.index);
+    }
+}
+
+#[cfg(test)]
+mod tests;

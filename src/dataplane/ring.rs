@@ -1,0 +1,824 @@
+//! Split virtqueue access for the hot path: descriptor chains in, used
+//! entries out. Every guest-provided value (indices, addresses, lengths,
+//! flags) is checked here, where it enters; a bad one yields a
+//! [`ChainError`] and the caller stops that queue.
+//!
+//! Ring memory is translated once per (ring address, memory table) and then
+//! read with acquire/release atomics; descriptors are copied out before use.
+
+use std::sync::atomic::{fence, AtomicU16, Ordering};
+
+use super::mem::MemView;
+
+pub const VRING_DESC_F_NEXT: u16 = 1;
+pub const VRING_DESC_F_WRITE: u16 = 2;
+pub const VRING_DESC_F_INDIRECT: u16 = 4;
+pub const VRING_USED_F_NO_NOTIFY: u16 = 1;
+pub const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Segments one chain may have after flattening indirect tables. Linux uses
+/// at most MAX_SKB_FRAGS + 2; this leaves room for other drivers.
+pub const MAX_SEGS: usize = 1024;
+/// Largest indirect table accepted (entries).
+pub const MAX_INDIRECT: u32 = 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    #[error(
+        "avail index {avail} is {ahead} entries ahead of last seen {last} (queue size {size})"
+    )]
+    AvailIndex {
+        avail: u16,
+        last: u16,
+        ahead: u16,
+        size: u16,
+    },
+    #[error("descriptor index {index} out of range (table of {size})")]
+    IndexOutOfRange { index: u16, size: u32 },
+    #[error("descriptor chain longer than {limit} entries (loop?)")]
+    TooLong { limit: u32 },
+    #[error("buffer {addr:#x}+{len} is outside guest memory")]
+    BadAddress { addr: u64, len: u32 },
+    #[error("device-writable descriptor in a chain the device must only read")]
+    WriteOnlyInReadChain,
+    #[error("device-readable descriptor in a chain the device must only write")]
+    ReadOnlyInWriteChain,
+    #[error("indirect descriptor inside an indirect table")]
+    NestedIndirect,
+    #[error("indirect descriptor with NEXT flag set")]
+    IndirectWithNext,
+    #[error("indirect table length {len} is not a non-zero multiple of 16 up to {max} entries")]
+    IndirectLength { len: u32, max: u32 },
+    #[error("indirect descriptor used but not negotiated")]
+    IndirectNotNegotiated,
+    #[error("chain carries {len} bytes, more than the {max} allowed")]
+    Oversized { len: u64, max: u64 },
+    #[error("chain shorter ({len} bytes) than the {hdr}-byte virtio-net header")]
+    Undersized { len: u64, hdr: usize },
+    #[error("chain has more than {MAX_SEGS} segments")]
+    TooManySegments,
+    #[error("ring at desc {desc:#x} avail {avail:#x} used {used:#x} (size {size}) is not in guest memory")]
+    BadRing {
+        desc: u64,
+        avail: u64,
+        used: u64,
+        size: u16,
+    },
+}
+
+/// One flattened descriptor chain: host iovecs plus their guest addresses
+/// (for dirty logging). Allocated once per queue and reused.
+#[derive(Debug)]
+pub struct Chain {
+    pub head: u16,
+    pub iov: Vec<libc::iovec>,
+    pub gpa: Vec<u64>,
+    pub len: u64,
+}
+
+// SAFETY: the iovecs point into guest memory owned by the queue's MemView;
+// a Chain is only used by the thread that owns the queue.
+unsafe impl Send for Chain {}
+
+impl Default for Chain {
+    fn default() -> Self {
+        Chain {
+            head: 0,
+            iov: Vec::with_capacity(MAX_SEGS),
+            gpa: Vec::with_capacity(MAX_SEGS),
+            len: 0,
+        }
+    }
+}
+
+impl Chain {
+    fn clear(&mut self) {
+        self.iov.clear();
+        self.gpa.clear();
+        self.len = 0;
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Desc {
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+}
+
+/// # Safety
+/// `p` must point to 16 readable bytes.
+#[inline]
+unsafe fn read_desc(p: *const u8) -> Desc {
+    let mut b = [0u8; 16];
+    std::ptr::copy_nonoverlapping(p, b.as_mut_ptr(), 16);
+    Desc {
+        addr: u64::from_le_bytes(b[0..8].try_into().unwrap()),
+        len: u32::from_le_bytes(b[8..12].try_into().unwrap()),
+        flags: u16::from_le_bytes(b[12..14].try_into().unwrap()),
+        next: u16::from_le_bytes(b[14..16].try_into().unwrap()),
+    }
+}
+
+/// Where a ring lives: what the frontend told us.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingAddrs {
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+    pub size: u16,
+}
+
+/// A split ring translated into host pointers.
+pub struct SplitRing {
+    pub addrs: RingAddrs,
+    desc: *mut u8,
+    avail: *mut u8,
+    used: *mut u8,
+    pub event_idx: bool,
+    pub indirect: bool,
+    /// Next avail entry to consume (the vhost "ring base").
+    pub last_avail: u16,
+    /// Next used entry to fill; published to the guest by `publish_used`.
+    pub next_used: u16,
+    /// Used index the guest last saw (for EVENT_IDX interrupt suppression).
+    signalled_used: u16,
+    /// Cached avail->idx, refreshed when we run out.
+    avail_cache: u16,
+}
+
+// SAFETY: the pointers refer to guest memory kept mapped by the MemView the
+// ring was translated with; one thread owns the ring at a time.
+unsafe impl Send for SplitRing {}
+
+impl SplitRing {
+    /// Translate a ring. Sizes per the virtio spec: 16-byte descriptors,
+    /// avail = 4 + 2*size (+2 used_event), used = 4 + 8*size (+2 avail_event).
+    pub fn new(mem: &MemView, a: RingAddrs) -> Result<Self, ChainError> {
+        let bad = ChainError::BadRing {
+            desc: a.desc,
+            avail: a.avail,
+            used: a.used,
+            size: a.size,
+        };
+        let n = a.size as u64;
+        if a.size == 0
+            || !a.size.is_power_of_two()
+            || a.desc % 16 != 0
+            || a.avail % 2 != 0
+            || a.used % 4 != 0
+        {
+            return Err(bad);
+        }
+        let desc = mem.translate(a.desc, 16 * n).ok_or(bad.clone())?;
+        let avail = mem.translate(a.avail, 6 + 2 * n).ok_or(bad.clone())?;
+        let used = mem.translate(a.used, 6 + 8 * n).ok_or(bad)?;
+        Ok(SplitRing {
+            addrs: a,
+            desc,
+            avail,
+            used,
+            event_idx: false,
+            indirect: false,
+            last_avail: 0,
+            next_used: 0,
+            signalled_used: 0,
+            avail_cache: 0,
+        })
+    }
+
+    #[inline]
+    fn size(&self) -> u16 {
+        self.addrs.size
+    }
+
+    #[inline]
+    fn u16_at(&self, p: *mut u8) -> &AtomicU16 {
+        // SAFETY: p is 2-aligned (checked in new) and inside the ring mapping.
+        unsafe { &*(p as *const AtomicU16) }
+    }
+
+    pub fn avail_idx(&self) -> u16 {
+        self.u16_at(unsafe { self.avail.add(2) })
+            .load(Ordering::Acquire)
+    }
+
+    fn avail_flags(&self) -> u16 {
+        self.u16_at(self.avail).load(Ordering::Relaxed)
+    }
+
+    fn used_event(&self) -> u16 {
+        let off = 4 + 2 * self.size() as usize;
+        self.u16_at(unsafe { self.avail.add(off) })
+            .load(Ordering::Relaxed)
+    }
+
+    /// The used->idx currently in guest memory.
+    pub fn used_idx(&self) -> u16 {
+        self.u16_at(unsafe { self.used.add(2) })
+            .load(Ordering::Acquire)
+    }
+
+    fn set_used_flags(&self, v: u16) {
+        self.u16_at(self.used).store(v, Ordering::Relaxed)
+    }
+
+    fn set_avail_event(&self, v: u16) {
+        let off = 4 + 8 * self.size() as usize;
+        self.u16_at(unsafe { self.used.add(off) })
+            .store(v, Ordering::Relaxed)
+    }
+
+    /// Number of chains the guest has made available that we have not
+    /// consumed. Checks the index is sane.
+    pub fn pending(&mut self) -> Result<u16, ChainError> {
+        let mut ahead = self.avail_cache.wrapping_sub(self.last_avail);
+        if ahead == 0 {
+            self.avail_cache = self.avail_idx();
+            ahead = self.avail_cache.wrapping_sub(self.last_avail);
+            if ahead > self.size() {
+                return Err(ChainError::AvailIndex {
+                    avail: self.avail_cache,
+                    last: self.last_avail,
+                    ahead,
+                    size: self.size(),
+                });
+            }
+        }
+        Ok(ahead)
+    }
+
+    /// Un-consume the last `n` popped chains (their used entries were not
+    /// written): the backend or a frame could not take them after all.
+    pub fn unpop(&mut self, n: u16) {
+        self.last_avail = self.last_avail.wrapping_sub(n);
+    }
+
+    /// Pop the next chain into `out`. Caller checked `pending() > 0`.
+    /// `writable`: the device writes these buffers (RX) or reads them (TX).
+    /// `max_len`: the most bytes a valid chain of this queue may carry.
+    pub fn pop(
+        &mut self,
+        mem: &MemView,
+        writable: bool,
+        max_len: u64,
+        out: &mut Chain,
+    ) -> Result<(), ChainError> {
+        let size = self.size();
+        let slot = (self.last_avail % size) as usize;
+        // SAFETY: slot < size; the avail ring was translated for 4 + 2*size bytes.
+        let head = self
+            .u16_at(unsafe { self.avail.add(4 + 2 * slot) })
+            .load(Ordering::Relaxed);
+        self.last_avail = self.last_avail.wrapping_add(1);
+        out.clear();
+        out.head = head;
+        if head >= size {
+            return Err(ChainError::IndexOutOfRange {
+                index: head,
+                size: size as u32,
+            });
+        }
+
+        let mut table = self.desc as *const u8;
+        let mut table_len = size as u32;
+        let mut idx = head;
+        let mut in_indirect = false;
+        let mut ttl = table_len;
+        loop {
+            if ttl == 0 {
+                return Err(ChainError::TooLong { limit: table_len });
+            }
+            ttl -= 1;
+            // SAFETY: idx < table_len, checked below before every advance.
+            let d = unsafe { read_desc(table.add(16 * idx as usize)) };
+
+            if d.flags & VRING_DESC_F_INDIRECT != 0 {
+                if in_indirect {
+                    return Err(ChainError::NestedIndirect);
+                }
+                if !self.indirect {
+                    return Err(ChainError::IndirectNotNegotiated);
+                }
+                if d.flags & VRING_DESC_F_NEXT != 0 {
+                    return Err(ChainError::IndirectWithNext);
+                }
+                if d.len == 0 || d.len % 16 != 0 || d.len / 16 > MAX_INDIRECT {
+                    return Err(ChainError::IndirectLength {
+                        len: d.len,
+                        max: MAX_INDIRECT,
+                    });
+                }
+                table = mem
+                    .translate(d.addr, d.len as u64)
+                    .ok_or(ChainError::BadAddress {
+                        addr: d.addr,
+                        len: d.len,
+                    })?;
+                table_len = d.len / 16;
+                ttl = table_len;
+                in_indirect = true;
+                idx = 0;
+                continue;
+            }
+
+            let is_write = d.flags & VRING_DESC_F_WRITE != 0;
+            if writable && !is_write {
+                return Err(ChainError::ReadOnlyInWriteChain);
+            }
+            if !writable && is_write {
+                return Err(ChainError::WriteOnlyInReadChain);
+            }
+            out.len += d.len as u64;
+            if out.len > max_len {
+                return Err(ChainError::Oversized {
+                    len: out.len,
+                    max: max_len,
+                });
+            }
+            // A buffer may straddle two adjacent memory regions: split it.
+            let mut addr = d.addr;
+            let mut left = d.len as u64;
+            while left > 0 {
+                let (host, n) = mem
+                    .translate_prefix(addr, left)
+                    .ok_or(ChainError::BadAddress {
+                        addr: d.addr,
+                        len: d.len,
+                    })?;
+                if out.iov.len() == MAX_SEGS {
+                    return Err(ChainError::TooManySegments);
+                }
+                out.iov.push(libc::iovec {
+                    iov_base: host as *mut libc::c_void,
+                    iov_len: n as usize,
+                });
+                out.gpa.push(addr);
+                addr += n;
+                left -= n;
+            }
+
+            if d.flags & VRING_DESC_F_NEXT == 0 {
+                return Ok(());
+            }
+            if d.next as u32 >= table_len {
+                return Err(ChainError::IndexOutOfRange {
+                    index: d.next,
+                    size: table_len,
+                });
+            }
+            idx = d.next;
+        }
+    }
+
+    /// Write a used entry (not yet visible: see `publish_used`).
+    pub fn put_used(&mut self, head: u16, len: u32) {
+        let slot = (self.next_used % self.size()) as usize;
+        let mut e = [0u8; 8];
+        e[..4].copy_from_slice(&(head as u32).to_le_bytes());
+        e[4..].copy_from_slice(&len.to_le_bytes());
+        // SAFETY: slot < size; the used ring was translated for 6 + 8*size bytes.
+        unsafe { std::ptr::copy_nonoverlapping(e.as_ptr(), self.used.add(4 + 8 * slot), 8) };
+        self.next_used = self.next_used.wrapping_add(1);
+    }
+
+    /// Make all written used entries visible and say whether the guest wants
+    /// an interrupt for them.
+    pub fn publish_used(&mut self) -> bool {
+        let old = self.used_idx();
+        let new = self.next_used;
+        if old == new {
+            return false;
+        }
+        // Entries and the buffers they describe before the index.
+        self.u16_at(unsafe { self.used.add(2) })
+            .store(new, Ordering::Release);
+        // The index store must be visible before we read used_event/flags,
+        // or we may miss a guest that just re-enabled interrupts.
+        fence(Ordering::SeqCst);
+        if self.event_idx {
+            let ev = self.used_event();
+            let old_sig = self.signalled_used;
+            self.signalled_used = new;
+            // vring_need_event: the guest asked for an interrupt once used
+            // passes `ev`; did we pass it since we last signalled?
+            new.wrapping_sub(ev).wrapping_sub(1) < new.wrapping_sub(old_sig)
+        } else {
+            self.avail_flags() & VRING_AVAIL_F_NO_INTERRUPT == 0
+        }
+    }
+
+    /// Ask the guest to kick us when it adds buffers (event mode, idle).
+    pub fn enable_kicks(&mut self) {
+        if self.event_idx {
+            self.set_avail_event(self.last_avail);
+        } else {
+            self.set_used_flags(0);
+        }
+        // The guest must see this before we re-check avail->idx.
+        fence(Ordering::SeqCst);
+        self.avail_cache = self.last_avail;
+    }
+
+    /// Tell the guest not to kick (busy work or polling).
+    pub fn disable_kicks(&mut self) {
+        if self.event_idx {
+            // A stale avail_event behind the guest's index means no kicks
+            // until it wraps all the way round.
+            self.set_avail_event(self.last_avail.wrapping_sub(1));
+        } else {
+            self.set_used_flags(VRING_USED_F_NO_NOTIFY);
+        }
+    }
+
+    /// Re-sync after the frontend set the ring base (or on first use):
+    /// consumed entries from `last_avail`, used from guest memory.
+    pub fn sync(&mut self, last_avail: u16, next_used: u16) {
+        self.last_avail = last_avail;
+        self.avail_cache = last_avail;
+        self.next_used = next_used;
+        self.signalled_used = next_used;
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::dataplane::mem::test_mem::TestMem;
+
+    pub const BASE: u64 = 0x10000;
+    pub const DESC: u64 = BASE;
+    pub const AVAIL: u64 = BASE + 0x1000;
+    pub const USED: u64 = BASE + 0x2000;
+    pub const DATA: u64 = BASE + 0x4000;
+    pub const QSIZE: u16 = 16;
+
+    /// A guest-side driver of one split ring in a TestMem.
+    pub struct Driver {
+        pub mem: TestMem,
+        pub avail_idx: u16,
+    }
+
+    impl Driver {
+        pub fn new() -> Self {
+            Driver {
+                mem: TestMem::new(BASE, 0x40000),
+                avail_idx: 0,
+            }
+        }
+        pub fn addrs() -> RingAddrs {
+            RingAddrs {
+                desc: DESC,
+                avail: AVAIL,
+                used: USED,
+                size: QSIZE,
+            }
+        }
+        pub fn set_desc(&mut self, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+            let mut b = [0u8; 16];
+            b[0..8].copy_from_slice(&addr.to_le_bytes());
+            b[8..12].copy_from_slice(&len.to_le_bytes());
+            b[12..14].copy_from_slice(&flags.to_le_bytes());
+            b[14..16].copy_from_slice(&next.to_le_bytes());
+            self.mem.write(table + 16 * i as u64, &b);
+        }
+        pub fn push_avail(&mut self, head: u16) {
+            let slot = (self.avail_idx % QSIZE) as u64;
+            self.mem.write(AVAIL + 4 + 2 * slot, &head.to_le_bytes());
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            let idx = self.avail_idx;
+            self.mem.write(AVAIL + 2, &idx.to_le_bytes());
+        }
+        pub fn used_idx(&self) -> u16 {
+            u16::from_le_bytes(self.mem.read(USED + 2, 2).try_into().unwrap())
+        }
+        pub fn used_elem(&self, i: u16) -> (u32, u32) {
+            let b = self.mem.read(USED + 4 + 8 * (i % QSIZE) as u64, 8);
+            (
+                u32::from_le_bytes(b[..4].try_into().unwrap()),
+                u32::from_le_bytes(b[4..].try_into().unwrap()),
+            )
+        }
+    }
+
+    fn pop_one(d: &mut Driver, writable: bool) -> Result<Chain, ChainError> {
+        let view = d.mem.view();
+        let mut r = SplitRing::new(&view, Driver::addrs()).unwrap();
+        r.indirect = true;
+        assert!(r.pending()? > 0);
+        let mut c = Chain::default();
+        r.pop(&view, writable, 65536, &mut c).map(|_| c)
+    }
+
+    #[test]
+    fn simple_and_chained() {
+        let mut d = Driver::new();
+        d.set_desc(DESC, 0, DATA, 100, VRING_DESC_F_NEXT, 5);
+        d.set_desc(DESC, 5, DATA + 200, 50, 0, 0);
+        d.push_avail(0);
+        let c = pop_one(&mut d, false).unwrap();
+        assert_eq!(c.head, 0);
+        assert_eq!(c.len, 150);
+        assert_eq!(c.iov.len(), 2);
+        assert_eq!(c.gpa, vec![DATA, DATA + 200]);
+    }
+
+    #[test]
+    fn indirect_table() {
+        let mut d = Driver::new();
+        let table = DATA + 0x1000;
+        d.set_desc(table, 0, DATA, 10, VRING_DESC_F_NEXT, 1);
+        d.set_desc(table, 1, DATA + 10, 20, 0, 0);
+        d.set_desc(DESC, 3, table, 32, VRING_DESC_F_INDIRECT, 0);
+        d.push_avail(3);
+        let c = pop_one(&mut d, false).unwrap();
+        assert_eq!((c.head, c.len, c.iov.len()), (3, 30, 2));
+    }
+
+    fn expect_err(setup: impl FnOnce(&mut Driver), writable: bool) -> ChainError {
+        let mut d = Driver::new();
+        setup(&mut d);
+        pop_one(&mut d, writable).unwrap_err()
+    }
+
+    #[test]
+    fn head_out_of_range() {
+        let e = expect_err(|d| d.push_avail(QSIZE), false);
+        assert!(
+            matches!(e, ChainError::IndexOutOfRange { index: 16, .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn next_out_of_range() {
+        let e = expect_err(
+            |d| {
+                d.set_desc(DESC, 0, DATA, 1, VRING_DESC_F_NEXT, 99);
+                d.push_avail(0);
+            },
+            false,
+        );
+        assert!(
+            matches!(e, ChainError::IndexOutOfRange { index: 99, .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn address_outside_memory() {
+        for (addr, len) in [
+            (0x1000u64, 10u32),
+            (BASE + 0x3fff0, 0x20),
+            (u64::MAX - 4, 10),
+        ] {
+            let e = expect_err(
+                |d| {
+                    d.set_desc(DESC, 0, addr, len, 0, 0);
+                    d.push_avail(0);
+                },
+                false,
+            );
+            assert!(matches!(e, ChainError::BadAddress { .. }), "{e}");
+        }
+    }
+
+    #[test]
+    fn loop_is_caught() {
+        let e = expect_err(
+            |d| {
+                d.set_desc(DESC, 0, DATA, 1, VRING_DESC_F_NEXT, 1);
+                d.set_desc(DESC, 1, DATA, 1, VRING_DESC_F_NEXT, 0);
+                d.push_avail(0);
+            },
+            false,
+        );
+        assert_eq!(
+            e,
+            ChainError::TooLong {
+                limit: QSIZE as u32
+            }
+        );
+    }
+
+    #[test]
+    fn loop_inside_indirect_is_caught() {
+        let e = expect_err(
+            |d| {
+                let t = DATA + 0x1000;
+                d.set_desc(t, 0, DATA, 1, VRING_DESC_F_NEXT, 1);
+                d.set_desc(t, 1, DATA, 1, VRING_DESC_F_NEXT, 0);
+                d.set_desc(DESC, 0, t, 32, VRING_DESC_F_INDIRECT, 0);
+                d.push_avail(0);
+            },
+            false,
+        );
+        assert_eq!(e, ChainError::TooLong { limit: 2 });
+    }
+
+    #[test]
+    fn direction_is_enforced() {
+        let e = expect_err(
+            |d| {
+                d.set_desc(DESC, 0, DATA, 10, VRING_DESC_F_NEXT, 1);
+                d.set_desc(DESC, 1, DATA, 10, VRING_DESC_F_WRITE, 0);
+                d.push_avail(0);
+            },
+            false,
+        );
+        assert_eq!(e, ChainError::WriteOnlyInReadChain);
+        let e = expect_err(
+            |d| {
+                d.set_desc(DESC, 0, DATA, 10, 0, 0);
+                d.push_avail(0);
+            },
+            true,
+        );
+        assert_eq!(e, ChainError::ReadOnlyInWriteChain);
+    }
+
+    #[test]
+    fn oversized_chain() {
+        let e = expect_err(
+            |d| {
+                d.set_desc(DESC, 0, DATA, 60000, VRING_DESC_F_NEXT, 1);
+                d.set_desc(DESC, 1, DATA, 60000, 0, 0);
+                d.push_avail(0);
+            },
+            false,
+        );
+        assert!(
+            matches!(e, ChainError::Oversized { len: 120000, .. }),
+            "{e}"
+        );
+        // A single huge length is refused before any translation.
+        let e = expect_err(
+            |d| {
+                d.set_desc(DESC, 0, DATA, u32::MAX, 0, 0);
+                d.push_avail(0);
+            },
+            false,
+        );
+        assert!(matches!(e, ChainError::Oversized { .. }), "{e}");
+    }
+
+    #[test]
+    fn bad_indirect() {
+        let t = DATA + 0x1000;
+        for (flags, len, nested) in [
+            (VRING_DESC_F_INDIRECT | VRING_DESC_F_NEXT, 32, false),
+            (VRING_DESC_F_INDIRECT, 0, false),
+            (VRING_DESC_F_INDIRECT, 24, false),
+            (VRING_DESC_F_INDIRECT, 16 * (MAX_INDIRECT + 1), false),
+            (VRING_DESC_F_INDIRECT, 32, true),
+        ] {
+            let e = expect_err(
+                |d| {
+                    d.set_desc(DESC, 0, t, len, flags, 1);
+                    d.set_desc(DESC, 1, DATA, 1, 0, 0);
+                    if nested {
+                        d.set_desc(t, 0, t, 32, VRING_DESC_F_INDIRECT, 0);
+                    }
+                    d.push_avail(0);
+                },
+                false,
+            );
+            match e {
+                ChainError::IndirectWithNext
+                | ChainError::IndirectLength { .. }
+                | ChainError::NestedIndirect => {}
+                other => panic!("flags {flags} len {len}: {other}"),
+            }
+        }
+        // Indirect table outside memory.
+        let e = expect_err(
+            |d| {
+                d.set_desc(DESC, 0, 0x10, 32, VRING_DESC_F_INDIRECT, 0);
+                d.push_avail(0);
+            },
+            false,
+        );
+        assert!(matches!(e, ChainError::BadAddress { .. }));
+    }
+
+    #[test]
+    fn indirect_needs_negotiation() {
+        let mut d = Driver::new();
+        d.set_desc(DESC, 0, DATA + 0x1000, 32, VRING_DESC_F_INDIRECT, 0);
+        d.push_avail(0);
+        let view = d.mem.view();
+        let mut r = SplitRing::new(&view, Driver::addrs()).unwrap();
+        r.pending().unwrap();
+        let mut c = Chain::default();
+        assert_eq!(
+            r.pop(&view, false, 65536, &mut c),
+            Err(ChainError::IndirectNotNegotiated)
+        );
+    }
+
+    #[test]
+    fn avail_index_too_far_ahead() {
+        let mut d = Driver::new();
+        d.mem.write(AVAIL + 2, &(QSIZE + 1).to_le_bytes());
+        let view = d.mem.view();
+        let mut r = SplitRing::new(&view, Driver::addrs()).unwrap();
+        assert!(matches!(r.pending(), Err(ChainError::AvailIndex { .. })));
+    }
+
+    #[test]
+    fn ring_outside_memory_or_misaligned() {
+        let mut d = Driver::new();
+        let view = d.mem.view();
+        for a in [
+            RingAddrs {
+                desc: 0x10,
+                ..Driver::addrs()
+            },
+            RingAddrs {
+                desc: DESC + 8,
+                ..Driver::addrs()
+            },
+            RingAddrs {
+                used: BASE + 0x40000 - 8,
+                ..Driver::addrs()
+            },
+            RingAddrs {
+                size: 0,
+                ..Driver::addrs()
+            },
+            RingAddrs {
+                size: 3,
+                ..Driver::addrs()
+            },
+        ] {
+            assert!(SplitRing::new(&view, a).is_err(), "{a:?}");
+        }
+    }
+
+    #[test]
+    fn buffer_across_adjacent_regions_is_split() {
+        let mut d = Driver::new();
+        let mut extra = vec![0u8; 0x1000];
+        d.set_desc(DESC, 0, BASE + 0x40000 - 0x10, 0x20, 0, 0);
+        d.push_avail(0);
+        let mut view = d.mem.view();
+        assert!(view.add(BASE + 0x40000, 0x1000, extra.as_mut_ptr()));
+        let mut r = SplitRing::new(&view, Driver::addrs()).unwrap();
+        r.pending().unwrap();
+        let mut c = Chain::default();
+        r.pop(&view, false, 65536, &mut c).unwrap();
+        assert_eq!(c.iov.len(), 2);
+        assert_eq!((c.iov[0].iov_len, c.iov[1].iov_len), (0x10, 0x10));
+        assert_eq!(c.iov[1].iov_base as *mut u8, extra.as_mut_ptr());
+    }
+
+    #[test]
+    fn used_ring_and_event_idx() {
+        let mut d = Driver::new();
+        let view = d.mem.view();
+        let mut r = SplitRing::new(&view, Driver::addrs()).unwrap();
+        r.event_idx = true;
+        r.put_used(7, 42);
+        r.put_used(8, 0);
+        // used_event = 0: the guest wants an interrupt once used passes 0.
+        assert!(r.publish_used());
+        assert_eq!(d.used_idx(), 2);
+        assert_eq!(d.used_elem(0), (7, 42));
+        assert_eq!(d.used_elem(1), (8, 0));
+        // used_event = 5: no interrupt until used goes past 5.
+        d.mem
+            .write(AVAIL + 4 + 2 * QSIZE as u64, &5u16.to_le_bytes());
+        r.put_used(1, 1);
+        assert!(!r.publish_used());
+        for _ in 0..3 {
+            r.put_used(1, 1);
+        }
+        assert!(r.publish_used(), "used went 3 -> 6, past 5");
+        // Without EVENT_IDX, NO_INTERRUPT suppresses.
+        r.event_idx = false;
+        d.mem
+            .write(AVAIL, &VRING_AVAIL_F_NO_INTERRUPT.to_le_bytes());
+        r.put_used(1, 1);
+        assert!(!r.publish_used());
+        // Nothing new: nothing to signal.
+        assert!(!r.publish_used());
+    }
+
+    #[test]
+    fn kick_suppression() {
+        let mut d = Driver::new();
+        let view = d.mem.view();
+        let mut r = SplitRing::new(&view, Driver::addrs()).unwrap();
+        r.event_idx = true;
+        r.sync(9, 0);
+        r.enable_kicks();
+        let ev = d.mem.read(USED + 4 + 8 * QSIZE as u64, 2);
+        assert_eq!(u16::from_le_bytes(ev.try_into().unwrap()), 9);
+        r.event_idx = false;
+        r.disable_kicks();
+        assert_eq!(d.mem.read(USED, 2), &VRING_USED_F_NO_NOTIFY.to_le_bytes());
+        r.enable_kicks();
+        assert_eq!(d.mem.read(USED, 2), &[0, 0]);
+    }
+}

@@ -1,0 +1,435 @@
+//! vhost-user frontend: a virtio-net device served over a vhost-user socket
+//! (QEMU `-netdev vhost-user`, DPDK virtio-user, ...), built on rust-vmm's
+//! vhost-user-backend. It only translates the protocol's view of memory and
+//! rings for the shared dataplane.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use log::{debug, info, warn};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringState, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::dataplane::mem::MemView;
+use crate::dataplane::ring::RingAddrs;
+use crate::dataplane::{
+    QueuePair, RingCtl, RingPairAccess, VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use crate::device::NetConfig;
+use crate::shutdown;
+
+type GM = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+type Vring = VringRwLock<GM>;
+
+const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("socket {0}: a vfrelay or other server is already listening there")]
+    SocketInUse(PathBuf),
+    #[error("socket {0}: exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("vhost-user: {0}")]
+    Daemon(String),
+}
+
+/// The device as vhost-user-backend sees it. Cloned into every worker
+/// thread; survives front-end reconnects (backends stay open).
+#[derive(Clone)]
+pub struct VhostUserNet {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: NetConfig,
+    offloads: u64,
+    /// One per queue pair; each is locked only by its own worker thread.
+    qps: Vec<Mutex<QueuePair>>,
+    /// Backend fds, one per queue pair (None for loopback).
+    backend_fds: Vec<Option<i32>>,
+    mem: RwLock<Arc<MemView>>,
+    acked: AtomicU64,
+    /// Set when the current connection ends: poll loops return.
+    stop: AtomicBool,
+}
+
+impl VhostUserNet {
+    pub fn new(
+        cfg: NetConfig,
+        offloads: u64,
+        backends: Vec<Box<dyn vfrelay_backends::Backend>>,
+    ) -> Self {
+        let backend_fds = backends.iter().map(|b| b.poll_fd()).collect();
+        let qps = backends
+            .into_iter()
+            .enumerate()
+            .map(|(i, b)| Mutex::new(QueuePair::new(i, b)))
+            .collect();
+        VhostUserNet {
+            inner: Arc::new(Inner {
+                cfg,
+                offloads,
+                qps,
+                backend_fds,
+                mem: RwLock::new(Arc::new(MemView::empty())),
+                acked: AtomicU64::new(0),
+                stop: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Features offered to the driver.
+    pub fn device_features(&self) -> u64 {
+        self.inner.cfg.virtio_features() | self.inner.offloads | VHOST_USER_F_PROTOCOL_FEATURES
+    }
+
+    fn begin_connection(&self) {
+        self.inner.stop.store(false, Ordering::SeqCst);
+        self.inner.acked.store(0, Ordering::SeqCst);
+        *self.inner.mem.write().unwrap() = Arc::new(MemView::empty());
+        for qp in &self.inner.qps {
+            qp.lock().unwrap().reset();
+        }
+    }
+
+    fn end_connection(&self) {
+        self.inner.stop.store(true, Ordering::SeqCst);
+    }
+
+    /// Log per-queue counters (workers must be stopped).
+    pub fn log_stats(&self) {
+        for qp in &self.inner.qps {
+            let qp = qp.lock().unwrap();
+            info!(
+                "queue pair {} stats: {} backend: {:?}",
+                qp.index,
+                qp.stats,
+                qp.backend.stats()
+            );
+        }
+    }
+}
+
+/// A locked vring as the dataplane sees it.
+struct VuRing<'a>(&'a mut VringState<GM>);
+
+impl RingCtl for VuRing<'_> {
+    fn active(&self) -> bool {
+        self.0.get_queue().ready() && self.0.is_enabled()
+    }
+    fn addrs(&self) -> RingAddrs {
+        let q = self.0.get_queue();
+        RingAddrs {
+            desc: q.desc_table(),
+            avail: q.avail_ring(),
+            used: q.used_ring(),
+            size: q.size(),
+        }
+    }
+    fn next_avail(&self) -> u16 {
+        self.0.get_queue().next_avail()
+    }
+    fn set_next_avail(&mut self, v: u16) {
+        self.0.get_queue_mut().set_next_avail(v)
+    }
+    fn next_used(&self) -> u16 {
+        self.0.get_queue().next_used()
+    }
+    fn set_next_used(&mut self, v: u16) {
+        self.0.get_queue_mut().set_next_used(v)
+    }
+    fn event_idx(&self) -> bool {
+        self.0.get_queue().event_idx_enabled()
+    }
+    fn signal(&self) {
+        if let Err(e) = self.0.signal_used_queue() {
+            debug!("signalling guest: {e}");
+        }
+    }
+}
+
+struct VuPair<'a> {
+    inner: &'a Inner,
+    rx: &'a Vring,
+    tx: &'a Vring,
+}
+
+impl RingPairAccess for VuPair<'_> {
+    fn features(&self) -> u64 {
+        self.inner.acked.load(Ordering::Relaxed)
+    }
+    fn round(
+        &self,
+        f: &mut dyn FnMut(&Arc<MemView>, &mut dyn RingCtl, &mut dyn RingCtl) -> usize,
+    ) -> usize {
+        let mem = self.inner.mem.read().unwrap().clone();
+        // Held for one burst: GET_VRING_BASE waits for it, so the ring base
+        // it reports is consistent with what was used.
+        let mut rx = self.rx.get_mut();
+        let mut tx = self.tx.get_mut();
+        f(&mem, &mut VuRing(&mut rx), &mut VuRing(&mut tx))
+    }
+}
+
+impl VhostUserBackend for VhostUserNet {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        2 * self.inner.cfg.queue_pairs
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.inner.cfg.queue_size as usize
+    }
+
+    fn features(&self) -> u64 {
+        self.device_features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        debug!("driver acked features {features:#x}");
+        self.inner.acked.store(features, Ordering::SeqCst);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // Read per burst from the queue itself.
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let status = 1; // VIRTIO_NET_S_LINK_UP
+        self.inner.cfg.config_space(status, offset, size)
+    }
+
+    fn update_memory(&self, mem: GM) -> io::Result<()> {
+        let guard = mem.memory();
+        let arc = guard.into_inner();
+        let view = MemView::from_guest_memory(&*arc, arc.clone());
+        *self.inner.mem.write().unwrap() = Arc::new(view);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One worker thread per queue pair: RX and TX of a pair share the
+        // backend queue, so they never need a lock between them.
+        (0..self.inner.cfg.queue_pairs)
+            .map(|i| 0b11u64 << (2 * i))
+            .collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn handle_event(
+        &self,
+        _device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let (Some(qp), [rx, tx]) = (self.inner.qps.get(thread_id), vrings) else {
+            return Err(io::Error::other(format!(
+                "unexpected worker {thread_id} with {} vrings",
+                vrings.len()
+            )));
+        };
+        let mut qp = qp.lock().unwrap();
+        let access = VuPair {
+            inner: &self.inner,
+            rx,
+            tx,
+        };
+        if self.inner.cfg.poll {
+            qp.run_poll(&access, &self.inner.stop);
+        } else {
+            qp.run_event(&access);
+        }
+        Ok(())
+    }
+}
+
+impl crate::device::NetConfig {
+    pub fn virtio_features(&self) -> u64 {
+        let mut f = VIRTIO_F_VERSION_1
+            | VIRTIO_NET_F_MRG_RXBUF
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | crate::device::VIRTIO_NET_F_MAC
+            | crate::device::VIRTIO_NET_F_STATUS
+            | crate::device::VIRTIO_NET_F_MTU;
+        if self.queue_pairs > 1 {
+            f |= crate::device::VIRTIO_NET_F_MQ;
+        }
+        f
+    }
+}
+
+/// Check what is at `path` before binding: replace a stale socket from a
+/// crashed run, refuse a live one or anything that is not a socket.
+fn prepare_socket_path(path: &Path) -> Result<(), Error> {
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::Socket {
+            path: path.into(),
+            source: e,
+        }),
+        Ok(m) if !m.file_type().is_socket() => Err(Error::NotASocket(path.into())),
+        Ok(_) => match UnixStream::connect(path) {
+            Ok(_) => Err(Error::SocketInUse(path.into())),
+            Err(_) => {
+                info!("removing stale socket {}", path.display());
+                std::fs::remove_file(path).map_err(|e| Error::Socket {
+                    path: path.into(),
+                    source: e,
+                })
+            }
+        },
+    }
+}
+
+fn bind_listener(path: &Path) -> Result<Listener, Error> {
+    prepare_socket_path(path)?;
+    // The socket gives control of guest memory mappings: owner-only from
+    // the moment it exists (umask), not after a chmod race.
+    // SAFETY: umask has no memory-safety preconditions.
+    let old = unsafe { libc::umask(0o177) };
+    let l = Listener::new(path, false);
+    unsafe { libc::umask(old) };
+    let l = l.map_err(|e| Error::Socket {
+        path: path.into(),
+        source: io::Error::other(e.to_string()),
+    })?;
+    // Belt and braces if umask was not honoured (some filesystems).
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    Ok(l)
+}
+
+/// Serve the device until SIGINT/SIGTERM: server mode listens on `socket`
+/// and goes back to listening after each disconnect; client mode connects
+/// to a listening front end and reconnects.
+pub fn run(net: VhostUserNet, socket: &Path, client: bool) -> Result<(), Error> {
+    let mut listener = if client {
+        None
+    } else {
+        Some(bind_listener(socket)?)
+    };
+    let result = serve_loop(&net, socket, listener.as_mut());
+    if let Some(l) = listener.take() {
+        drop(l);
+        let _ = std::fs::remove_file(socket);
+    }
+    result
+}
+
+fn serve_loop(
+    net: &VhostUserNet,
+    socket: &Path,
+    mut listener: Option<&mut Listener>,
+) -> Result<(), Error> {
+    let path_str = socket.to_string_lossy().to_string();
+    if listener.is_some() {
+        info!("listening on {}", socket.display());
+    }
+    loop {
+        // Wait for a front end (or shutdown) before building a daemon.
+        match listener.as_deref() {
+            Some(l) => {
+                if !shutdown::wait_readable(l.as_raw_fd()) {
+                    return Ok(());
+                }
+            }
+            None => {
+                if shutdown::requested() {
+                    return Ok(());
+                }
+            }
+        }
+
+        let mut daemon = VhostUserDaemon::new(
+            "vfrelay".into(),
+            net.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| Error::Daemon(e.to_string()))?;
+        net.begin_connection();
+        let nq = 2 * net.inner.cfg.queue_pairs;
+        for (i, h) in daemon.get_epoll_handlers().iter().enumerate() {
+            if let Some(Some(fd)) = net.inner.backend_fds.get(i) {
+                // Edge-triggered: the dataplane drains the backend on every
+                // event, and a guest without RX buffers must not make the
+                // worker spin on a readable fd.
+                h.register_listener(
+                    *fd,
+                    EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+                    nq as u64 + 1,
+                )
+                .map_err(|e| Error::Daemon(format!("watching backend fd: {e}")))?;
+            }
+        }
+
+        let started = match listener.as_deref_mut() {
+            Some(l) => daemon.start(l),
+            None => daemon.start_client(&path_str),
+        };
+        if let Err(e) = started {
+            if listener.is_some() {
+                warn!("accepting front end: {e}");
+            } else {
+                debug!("connecting to {path_str}: {e}");
+                if shutdown::sleep(Duration::from_millis(500)) {
+                    return Ok(());
+                }
+            }
+            continue;
+        }
+        info!("front end connected");
+        if let Some(h) = daemon.shutdown_handle() {
+            shutdown::set_handle(Some(h));
+        }
+        match daemon.wait() {
+            Ok(()) => info!("front end disconnected"),
+            Err(e) => warn!("front end connection ended: {e}"),
+        }
+        shutdown::set_handle(None);
+        net.end_connection();
+        // Dropping the daemon stops and joins its worker threads.
+        drop(daemon);
+        net.log_stats();
+        if shutdown::requested() {
+            return Ok(());
+        }
+        if listener.is_some() {
+            info!("listening again on {}", socket.display());
+        } else {
+            info!("reconnecting to {path_str}");
+        }
+    }
+}
