@@ -20,7 +20,7 @@ need=()
 bpo=()
 # QEMU 10 and its firmware/data packages must all come from backports.
 qemu-system-x86_64 --version 2>/dev/null | grep -q 'version 10' || bpo+=(qemu-system-x86)
-command -v dpdk-testpmd >/dev/null || need+=(dpdk)
+command -v dpdk-testpmd >/dev/null || need+=(dpdk-dev)
 [ -x /bin/busybox ] && busybox --list 2>/dev/null | grep -qx udhcpc || need+=(busybox-static)
 command -v ip >/dev/null || need+=(iproute2)
 command -v ethtool >/dev/null || need+=(ethtool)

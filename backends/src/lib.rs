@@ -306,7 +306,10 @@ mod tests {
 
     #[test]
     fn parses_specs() {
-        assert_eq!("loopback".parse::<BackendSpec>().unwrap(), BackendSpec::Loopback);
+        assert_eq!(
+            "loopback".parse::<BackendSpec>().unwrap(),
+            BackendSpec::Loopback
+        );
         assert_eq!(
             "tap".parse::<BackendSpec>().unwrap(),
             BackendSpec::Tap {
@@ -315,7 +318,9 @@ mod tests {
         );
         assert_eq!(
             "tap,ifname=t1".parse::<BackendSpec>().unwrap(),
-            BackendSpec::Tap { ifname: "t1".into() }
+            BackendSpec::Tap {
+                ifname: "t1".into()
+            }
         );
         assert_eq!(
             "af-xdp,ifname=veth0,queue=1,mode=copy"
@@ -354,13 +359,21 @@ mod tests {
             "loopback,x=1",
         ] {
             let e = bad.parse::<BackendSpec>().unwrap_err();
-            assert!(e.to_string().starts_with("invalid backend spec"), "{bad}: {e}");
+            assert!(
+                e.to_string().starts_with("invalid backend spec"),
+                "{bad}: {e}"
+            );
         }
     }
 
     #[test]
     fn display_round_trips() {
-        for s in ["loopback", "tap,ifname=x", "af-xdp,ifname=v,queue=2,mode=copy", "vf,pf=p,index=1"] {
+        for s in [
+            "loopback",
+            "tap,ifname=x",
+            "af-xdp,ifname=v,queue=2,mode=copy",
+            "vf,pf=p,index=1",
+        ] {
             let spec: BackendSpec = s.parse().unwrap();
             assert_eq!(spec.to_string().parse::<BackendSpec>().unwrap(), spec);
         }

@@ -44,7 +44,7 @@ impl Backend for Loopback {
             return Ok(false);
         }
         let total: usize = segs.iter().map(|s| s.iov_len).sum();
-        if total > SLOT_LEN || total < 12 {
+        if !(12..=SLOT_LEN).contains(&total) {
             self.stats.tx_dropped += 1;
             return Ok(true);
         }
@@ -113,7 +113,9 @@ mod tests {
         frame[..6].copy_from_slice(&[1, 1, 1, 1, 1, 1]);
         frame[6..12].copy_from_slice(&[2, 2, 2, 2, 2, 2]);
         frame[59] = 0xab;
-        assert!(lb.tx_frame(&[iov(&frame[..20]), iov(&frame[20..])]).unwrap());
+        assert!(lb
+            .tx_frame(&[iov(&frame[..20]), iov(&frame[20..])])
+            .unwrap());
         let mut got = Vec::new();
         let n = lb.rx_burst(8, &mut |f| {
             got = f.to_vec();

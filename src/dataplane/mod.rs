@@ -43,16 +43,16 @@ pub trait RingCtl {
     fn broken(&mut self, _err: &ChainError) {}
 }
 
+/// The per-round work the dataplane hands a frontend: memory, RX ring, TX ring.
+pub type RoundFn<'a> = dyn FnMut(&Arc<MemView>, &mut dyn RingCtl, &mut dyn RingCtl) -> usize + 'a;
+
 /// Gives the dataplane one consistent look at a queue pair per round: the
 /// frontend locks its rings (once per burst, never per packet) and passes
 /// the current memory view.
 pub trait RingPairAccess {
     /// Features the driver acked (may change, e.g. LOG_ALL at migration).
     fn features(&self) -> u64;
-    fn round(
-        &self,
-        f: &mut dyn FnMut(&Arc<MemView>, &mut dyn RingCtl, &mut dyn RingCtl) -> usize,
-    ) -> usize;
+    fn round(&self, f: &mut RoundFn<'_>) -> usize;
 }
 
 /// Cached translation of one ring plus its stop state.
@@ -309,7 +309,7 @@ impl QueuePair {
         let mut idle_rounds = 0u32;
         let mut armed = false;
         loop {
-            if idle_rounds % 1024 == 0 {
+            if idle_rounds.is_multiple_of(1024) {
                 self.sync_features(rings.features());
             }
             let mut active = false;
@@ -323,7 +323,7 @@ impl QueuePair {
             });
             if n == 0 {
                 idle_rounds += 1;
-                if idle_rounds % 1024 == 0 {
+                if idle_rounds.is_multiple_of(1024) {
                     if stop.load(Ordering::Relaxed) || !active {
                         break;
                     }

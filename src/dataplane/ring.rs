@@ -165,9 +165,9 @@ impl SplitRing {
         let n = a.size as u64;
         if a.size == 0
             || !a.size.is_power_of_two()
-            || a.desc % 16 != 0
-            || a.avail % 2 != 0
-            || a.used % 4 != 0
+            || !a.desc.is_multiple_of(16)
+            || !a.avail.is_multiple_of(2)
+            || !a.used.is_multiple_of(4)
         {
             return Err(bad);
         }
@@ -304,7 +304,7 @@ impl SplitRing {
                 if d.flags & VRING_DESC_F_NEXT != 0 {
                     return Err(ChainError::IndirectWithNext);
                 }
-                if d.len == 0 || d.len % 16 != 0 || d.len / 16 > MAX_INDIRECT {
+                if d.len == 0 || !d.len.is_multiple_of(16) || d.len / 16 > MAX_INDIRECT {
                     return Err(ChainError::IndirectLength {
                         len: d.len,
                         max: MAX_INDIRECT,

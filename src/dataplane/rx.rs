@@ -164,9 +164,8 @@ fn deliver(
     if hdr_len == VNET_HDR_LEN {
         h[10..12].copy_from_slice(&1u16.to_le_bytes());
     }
-    let total = hdr_len + payload.len();
-
     if !mrg {
+        let total = hdr_len + payload.len();
         if ring.pending()? == 0 {
             return Ok(Delivery::NoRoom);
         }
@@ -223,7 +222,6 @@ fn deliver(
         }
         ring.put_used(chain.head, c.written as u32);
         used += 1;
-        let _ = total;
     }
     if used > 1 && hdr_len == VNET_HDR_LEN {
         set_num_buffers(&first[..first_n], used);

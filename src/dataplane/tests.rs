@@ -1,2 +1,391 @@
 //! Dataplane tests against a fake guest memory: whole frames through TX,
 //! the loopback backend and RX, and malformed chains stopping one queue.
+
+use std::cell::Cell;
+use std::sync::Arc;
+
+use vfrelay_backends::loopback::Loopback;
+
+use super::mem::test_mem::TestMem;
+use super::mem::MemView;
+use super::ring::{RingAddrs, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use super::*;
+
+const BASE: u64 = 0x100000;
+const QSIZE: u16 = 64;
+const FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF | VIRTIO_RING_F_EVENT_IDX;
+
+/// One guest-side ring in the shared TestMem, driven like a virtio driver.
+struct GuestRing {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    avail_idx: u16,
+    used_seen: u16,
+    next_desc: u16,
+}
+
+/// Frontend-side ring state, as vhost-user's Queue would hold it.
+struct FakeCtl {
+    addrs: RingAddrs,
+    active: bool,
+    next_avail: u16,
+    next_used: u16,
+    signals: Cell<u32>,
+    broken: Option<ChainError>,
+}
+
+impl RingCtl for FakeCtl {
+    fn active(&self) -> bool {
+        self.active
+    }
+    fn addrs(&self) -> RingAddrs {
+        self.addrs
+    }
+    fn next_avail(&self) -> u16 {
+        self.next_avail
+    }
+    fn set_next_avail(&mut self, v: u16) {
+        self.next_avail = v
+    }
+    fn next_used(&self) -> u16 {
+        self.next_used
+    }
+    fn set_next_used(&mut self, v: u16) {
+        self.next_used = v
+    }
+    fn event_idx(&self) -> bool {
+        true
+    }
+    fn signal(&self) {
+        self.signals.set(self.signals.get() + 1)
+    }
+    fn broken(&mut self, e: &ChainError) {
+        self.broken = Some(e.clone())
+    }
+}
+
+struct Guest {
+    mem: TestMem,
+    view: Arc<MemView>,
+    rx: GuestRing,
+    tx: GuestRing,
+    rx_ctl: std::cell::RefCell<FakeCtl>,
+    tx_ctl: std::cell::RefCell<FakeCtl>,
+    data_next: u64,
+    features: u64,
+}
+
+impl RingPairAccess for Guest {
+    fn features(&self) -> u64 {
+        self.features
+    }
+    fn round(&self, f: &mut RoundFn<'_>) -> usize {
+        f(
+            &self.view,
+            &mut *self.rx_ctl.borrow_mut(),
+            &mut *self.tx_ctl.borrow_mut(),
+        )
+    }
+}
+
+impl Guest {
+    fn new() -> Box<Guest> {
+        let mut mem = TestMem::new(BASE, 0x100000);
+        let view = Arc::new(mem.view());
+        let ring = |off: u64| GuestRing {
+            desc: BASE + off,
+            avail: BASE + off + 0x1000,
+            used: BASE + off + 0x2000,
+            avail_idx: 0,
+            used_seen: 0,
+            next_desc: 0,
+        };
+        let rx = ring(0);
+        let tx = ring(0x4000);
+        let ctl = |r: &GuestRing| {
+            std::cell::RefCell::new(FakeCtl {
+                addrs: RingAddrs {
+                    desc: r.desc,
+                    avail: r.avail,
+                    used: r.used,
+                    size: QSIZE,
+                },
+                active: true,
+                next_avail: 0,
+                next_used: 0,
+                signals: Cell::new(0),
+                broken: None,
+            })
+        };
+        Box::new(Guest {
+            rx_ctl: ctl(&rx),
+            tx_ctl: ctl(&tx),
+            mem,
+            view,
+            rx,
+            tx,
+            data_next: BASE + 0x10000,
+            features: FEATURES,
+        })
+    }
+
+    fn alloc(&mut self, len: u64) -> u64 {
+        let a = self.data_next;
+        self.data_next += len.div_ceil(64) * 64;
+        a
+    }
+
+    fn desc(&mut self, tx: bool, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let table = if tx { self.tx.desc } else { self.rx.desc };
+        let mut b = [0u8; 16];
+        b[0..8].copy_from_slice(&addr.to_le_bytes());
+        b[8..12].copy_from_slice(&len.to_le_bytes());
+        b[12..14].copy_from_slice(&flags.to_le_bytes());
+        b[14..16].copy_from_slice(&next.to_le_bytes());
+        self.mem.write(table + 16 * (i % QSIZE) as u64, &b);
+    }
+
+    fn publish(&mut self, tx: bool, head: u16) {
+        let r = if tx { &mut self.tx } else { &mut self.rx };
+        let slot = (r.avail_idx % QSIZE) as u64;
+        let (avail, idx) = (r.avail, r.avail_idx.wrapping_add(1));
+        r.avail_idx = idx;
+        self.mem.write(avail + 4 + 2 * slot, &head.to_le_bytes());
+        self.mem.write(avail + 2, &idx.to_le_bytes());
+    }
+
+    /// Queue a frame for TX: header and payload in separate descriptors.
+    fn send(&mut self, frame: &[u8]) {
+        let h = self.alloc(12);
+        let p = self.alloc(frame.len() as u64);
+        self.mem.write(h, &[0; 12]);
+        self.mem.write(p, frame);
+        let i = self.tx.next_desc;
+        self.tx.next_desc = self.tx.next_desc.wrapping_add(2);
+        self.desc(true, i, h, 12, VRING_DESC_F_NEXT, i.wrapping_add(1) % QSIZE);
+        self.desc(true, i + 1, p, frame.len() as u32, 0, 0);
+        self.publish(true, i % QSIZE);
+    }
+
+    /// Post one RX buffer of `len` bytes; returns its address.
+    fn post_rx(&mut self, len: u32) -> u64 {
+        let a = self.alloc(len as u64);
+        let i = self.rx.next_desc;
+        self.rx.next_desc = self.rx.next_desc.wrapping_add(1);
+        self.desc(false, i, a, len, VRING_DESC_F_WRITE, 0);
+        self.publish(false, i % QSIZE);
+        a
+    }
+
+    fn used(&mut self, tx: bool) -> Vec<(u32, u32)> {
+        let r = if tx { &mut self.tx } else { &mut self.rx };
+        let idx = u16::from_le_bytes(self.mem.read(r.used + 2, 2).try_into().unwrap());
+        let mut out = Vec::new();
+        while r.used_seen != idx {
+            let b = self
+                .mem
+                .read(r.used + 4 + 8 * (r.used_seen % QSIZE) as u64, 8);
+            out.push((
+                u32::from_le_bytes(b[..4].try_into().unwrap()),
+                u32::from_le_bytes(b[4..].try_into().unwrap()),
+            ));
+            r.used_seen = r.used_seen.wrapping_add(1);
+        }
+        out
+    }
+}
+
+fn frame(len: usize, seed: u8) -> Vec<u8> {
+    let mut f: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
+        .collect();
+    f[..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+    f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+    f
+}
+
+fn swapped(f: &[u8]) -> Vec<u8> {
+    let mut g = f.to_vec();
+    for i in 0..6 {
+        g.swap(i, i + 6);
+    }
+    g
+}
+
+fn qp() -> QueuePair {
+    let mut q = QueuePair::new(0, Box::new(Loopback::new(0)));
+    q.set_features(FEATURES);
+    q
+}
+
+#[test]
+fn loopback_round_trip_with_payload() {
+    let mut g = Guest::new();
+    let mut q = qp();
+    let bufs: Vec<u64> = (0..4).map(|_| g.post_rx(2048)).collect();
+    let frames: Vec<Vec<u8>> = (0..4).map(|i| frame(60 + 400 * i, i as u8)).collect();
+    for f in &frames {
+        g.send(f);
+    }
+    q.run_event(&*g);
+    assert_eq!(g.used(true).len(), 4, "all TX chains returned");
+    let used = g.used(false);
+    assert_eq!(used.len(), 4);
+    for (i, (id, len)) in used.iter().enumerate() {
+        assert_eq!(*id as usize, i);
+        assert_eq!(*len as usize, 12 + frames[i].len());
+        let hdr = g.mem.read(bufs[i], 12);
+        assert_eq!(&hdr[..10], &[0; 10]);
+        assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 1, "num_buffers");
+        assert_eq!(
+            g.mem.read(bufs[i] + 12, frames[i].len()),
+            &swapped(&frames[i])[..]
+        );
+    }
+    assert_eq!(q.stats.tx_frames, 4);
+    assert_eq!(q.stats.rx_frames, 4);
+    assert!(g.rx_ctl.borrow().signals.get() >= 1);
+    assert_eq!(g.rx_ctl.borrow().next_avail, 4);
+    assert_eq!(g.tx_ctl.borrow().next_used, 4);
+}
+
+#[test]
+fn mergeable_buffers_spread_a_large_frame() {
+    let mut g = Guest::new();
+    let mut q = qp();
+    let bufs: Vec<u64> = (0..8).map(|_| g.post_rx(256)).collect();
+    let f = frame(1000, 9);
+    g.send(&f);
+    q.run_event(&*g);
+    let used = g.used(false);
+    // 12 + 1000 bytes in 256-byte buffers: 4 buffers.
+    assert_eq!(used.len(), 4);
+    assert_eq!(used.iter().map(|u| u.1).sum::<u32>(), 1012);
+    let hdr = g.mem.read(bufs[0], 12).to_vec();
+    assert_eq!(u16::from_le_bytes([hdr[10], hdr[11]]), 4);
+    let mut got = g.mem.read(bufs[0] + 12, 244).to_vec();
+    for (b, (_, len)) in bufs[1..].iter().zip(&used[1..]) {
+        got.extend_from_slice(g.mem.read(*b, *len as usize));
+    }
+    assert_eq!(got, swapped(&f));
+}
+
+#[test]
+fn frame_waits_for_rx_buffers() {
+    let mut g = Guest::new();
+    let mut q = qp();
+    let f = frame(100, 1);
+    g.send(&f);
+    q.run_event(&*g);
+    assert_eq!(g.used(true).len(), 1, "TX done even without RX buffers");
+    assert!(g.used(false).is_empty());
+    // 112 bytes are needed: one 64-byte buffer is not enough (nothing may
+    // be published), two are.
+    let b0 = g.post_rx(64);
+    q.run_event(&*g);
+    assert!(
+        g.used(false).is_empty(),
+        "partial frame must not be published"
+    );
+    let _b1 = g.post_rx(64);
+    q.run_event(&*g);
+    let used = g.used(false);
+    assert_eq!(used, vec![(0, 64), (1, 48)]);
+    assert_eq!(g.mem.read(b0 + 12, 52), &swapped(&f)[..52]);
+}
+
+#[test]
+fn without_mrg_a_too_small_buffer_drops_the_frame() {
+    let mut g = Guest::new();
+    let mut q = qp();
+    g.features = VIRTIO_F_VERSION_1;
+    g.post_rx(64);
+    g.send(&frame(200, 3));
+    g.send(&frame(40, 4));
+    q.run_event(&*g);
+    let used = g.used(false);
+    assert_eq!(used, vec![(0, 52)], "big frame dropped, buffer reused");
+    assert_eq!(q.stats.rx_dropped, 1);
+}
+
+#[test]
+fn malformed_tx_chain_stops_only_that_queue() {
+    let mut g = Guest::new();
+    let mut q = qp();
+    // A TX chain pointing outside guest memory.
+    g.desc(true, 0, 0xdead_0000, 64, 0, 0);
+    g.publish(true, 0);
+    q.run_event(&*g);
+    assert!(matches!(
+        g.tx_ctl.borrow().broken,
+        Some(ChainError::BadAddress { .. })
+    ));
+    assert_eq!(q.stats.chain_errors, 1);
+    // The queue stays stopped: a good chain after it is not processed...
+    g.tx.next_desc = 1;
+    g.send(&frame(60, 0));
+    q.run_event(&*g);
+    assert!(g.used(true).is_empty());
+    assert_eq!(q.stats.chain_errors, 1, "logged once, not per burst");
+
+    // ...while another queue pair on the same thread carries on.
+    let mut g2 = Guest::new();
+    let mut q2 = qp();
+    g2.post_rx(2048);
+    g2.send(&frame(60, 5));
+    q2.run_event(&*g2);
+    assert_eq!(g2.used(false).len(), 1);
+
+    // A frontend reset (ring stopped and restarted) clears the stop.
+    g.tx_ctl.borrow_mut().active = false;
+    q.run_event(&*g);
+    g.tx_ctl.borrow_mut().active = true;
+    // The frontend restarts the ring where the stopped one left off (the
+    // bad chain at slot 0 was consumed).
+    g.tx_ctl.borrow_mut().next_avail = 1;
+    q.run_event(&*g);
+    assert_eq!(g.used(true).len(), 1);
+}
+
+#[test]
+fn malformed_rx_chain_stops_rx_but_tx_goes_on() {
+    let mut g = Guest::new();
+    let mut q = qp();
+    // A read-only descriptor in the RX ring.
+    let a = g.alloc(2048);
+    g.desc(false, 0, a, 2048, 0, 0);
+    g.publish(false, 0);
+    g.send(&frame(60, 0));
+    q.run_event(&*g);
+    assert_eq!(
+        g.rx_ctl.borrow().broken,
+        Some(ChainError::ReadOnlyInWriteChain)
+    );
+    assert_eq!(g.used(true).len(), 1, "TX still served");
+}
+
+#[test]
+fn undersized_tx_chain_is_refused() {
+    let mut g = Guest::new();
+    let mut q = qp();
+    let a = g.alloc(8);
+    g.desc(true, 0, a, 8, 0, 0);
+    g.publish(true, 0);
+    q.run_event(&*g);
+    assert!(matches!(
+        g.tx_ctl.borrow().broken,
+        Some(ChainError::Undersized { .. })
+    ));
+}
+
+#[test]
+fn inactive_rings_are_not_touched() {
+    let mut g = Guest::new();
+    let mut q = qp();
+    g.tx_ctl.borrow_mut().active = false;
+    g.send(&frame(60, 0));
+    q.run_event(&*g);
+    assert!(g.used(true).is_empty());
+    assert_eq!(q.stats.tx_frames, 0);
+}

@@ -26,7 +26,7 @@ use vmm_sys_util::event::{
 use crate::dataplane::mem::MemView;
 use crate::dataplane::ring::RingAddrs;
 use crate::dataplane::{
-    QueuePair, RingCtl, RingPairAccess, VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF,
+    QueuePair, RingCtl, RingPairAccess, RoundFn, VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF,
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::device::NetConfig;
@@ -178,10 +178,7 @@ impl RingPairAccess for VuPair<'_> {
     fn features(&self) -> u64 {
         self.inner.acked.load(Ordering::Relaxed)
     }
-    fn round(
-        &self,
-        f: &mut dyn FnMut(&Arc<MemView>, &mut dyn RingCtl, &mut dyn RingCtl) -> usize,
-    ) -> usize {
+    fn round(&self, f: &mut RoundFn<'_>) -> usize {
         let mem = self.inner.mem.read().unwrap().clone();
         // Held for one burst: GET_VRING_BASE waits for it, so the ring base
         // it reports is consistent with what was used.
@@ -416,6 +413,8 @@ fn serve_loop(
         }
         match daemon.wait() {
             Ok(()) => info!("front end disconnected"),
+            // A front end that quits or is killed just closes the socket.
+            Err(e) if e.to_string().contains("disconnected") => info!("front end disconnected"),
             Err(e) => warn!("front end connection ended: {e}"),
         }
         shutdown::set_handle(None);
