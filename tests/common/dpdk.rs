@@ -132,18 +132,27 @@ pub struct Testpmd {
 impl Testpmd {
     /// Starts `dpdk-testpmd EAL... -- -i APP...` and waits (`timeout`) for
     /// the first prompt. `name` labels it in messages.
-    pub fn spawn(name: &str, eal: &[String], app: &[String], timeout: Duration) -> Result<Testpmd, String> {
+    pub fn spawn(
+        name: &str,
+        eal: &[String],
+        app: &[String],
+        timeout: Duration,
+    ) -> Result<Testpmd, String> {
         let mut args: Vec<String> = eal.to_vec();
         args.push("--".into());
         args.push("-i".into());
         args.extend_from_slice(app);
-        let mut child = Command::new(TESTPMD)
+        // Into a pipe testpmd's printf output is block-buffered while its
+        // prompt is written directly: line-buffer stdio so that a command's
+        // output arrives before the next prompt.
+        let mut child = Command::new("stdbuf")
+            .args(["-oL", "-eL", TESTPMD])
             .args(&args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("cannot start {TESTPMD}: {e}"))?;
+            .map_err(|e| format!("cannot start stdbuf {TESTPMD}: {e}"))?;
         let (tx, rx) = channel();
         let pipes: Vec<Box<dyn Read + Send>> = vec![
             Box::new(child.stdout.take().expect("stdout piped")),
@@ -237,7 +246,10 @@ impl Testpmd {
                 _ => {
                     let _ = self.child.kill();
                     let _ = self.child.wait();
-                    return Err(format!("{}: did not exit within {timeout:?} of quit", self.name));
+                    return Err(format!(
+                        "{}: did not exit within {timeout:?} of quit",
+                        self.name
+                    ));
                 }
             }
         }

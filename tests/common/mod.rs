@@ -13,6 +13,7 @@
 //! Not every test binary uses every helper.
 #![allow(dead_code)]
 
+pub mod dpdk;
 pub mod guest;
 pub mod netns;
 pub mod vfrelay;
