@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use log::{error, info};
+use log::info;
 use vfrelay_backends::BackendSpec;
 
 use device::NetConfig;
@@ -113,10 +113,16 @@ fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 };
             }
-            // One line, as the usage text would bury the reason.
+            // One line, as the usage text would bury the reason: clap's
+            // message up to the usage block, folded.
             let msg = e.render().to_string();
-            let line = msg.lines().next().unwrap_or("invalid arguments");
-            eprintln!("vfrelay: {}", line.trim_start_matches("error: "));
+            let line: Vec<&str> = msg
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            eprintln!("vfrelay: {}", line.join(" ").trim_start_matches("error: "));
             return ExitCode::from(2);
         }
     };
@@ -125,7 +131,6 @@ fn main() -> ExitCode {
     match run(cli.cmd) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e}");
             eprintln!("vfrelay: {e}");
             ExitCode::from(1)
         }
