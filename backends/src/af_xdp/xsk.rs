@@ -21,12 +21,17 @@ const NUM_FRAMES: usize = 4096;
 const RX_FRAMES: usize = NUM_FRAMES / 2;
 const TX_FRAMES: usize = NUM_FRAMES - RX_FRAMES;
 const RING_SIZE: u32 = 2048;
+/// Twice the TX frames: the ring is then never more than half full, and the
+/// kernel reports POLLOUT (its test) on every completion wakeup, so an
+/// edge-triggered waiter always hears that TX has room again.
+const TX_RING_SIZE: u32 = 2 * TX_FRAMES as u32;
 const ETH_HLEN: usize = 14;
 /// Copy mode transmits at most 32 frames per sendto() (it then returns
 /// EAGAIN); enough kicks to drain a full TX ring, plus slack.
-const MAX_KICKS: usize = RING_SIZE as usize / 32 + 4;
+const MAX_KICKS: usize = TX_FRAMES / 32 + 4;
 
 const _: () = assert!(RX_FRAMES <= RING_SIZE as usize && TX_FRAMES <= RING_SIZE as usize);
+const _: () = assert!(TX_RING_SIZE.is_power_of_two());
 const _: () = assert!(FRAME_SIZE.is_power_of_two());
 
 pub struct Xsk {
@@ -185,13 +190,13 @@ impl Xsk {
             };
             err(&format!("registering UMEM{hint}"), e)
         })?;
-        for (opt, name) in [
-            (libc::XDP_UMEM_FILL_RING, "fill ring"),
-            (libc::XDP_UMEM_COMPLETION_RING, "completion ring"),
-            (libc::XDP_RX_RING, "rx ring"),
-            (libc::XDP_TX_RING, "tx ring"),
+        for (opt, name, size) in [
+            (libc::XDP_UMEM_FILL_RING, "fill ring", RING_SIZE),
+            (libc::XDP_UMEM_COMPLETION_RING, "completion ring", RING_SIZE),
+            (libc::XDP_RX_RING, "rx ring", RING_SIZE),
+            (libc::XDP_TX_RING, "tx ring", TX_RING_SIZE),
         ] {
-            setsockopt(raw, opt, &RING_SIZE).map_err(|e| err(&format!("sizing {name}"), e))?;
+            setsockopt(raw, opt, &size).map_err(|e| err(&format!("sizing {name}"), e))?;
         }
 
         // SAFETY: all-zero is a valid xdp_mmap_offsets.
@@ -233,7 +238,7 @@ impl Xsk {
             map_ring::<libc::xdp_desc>(raw, &off.rx, RING_SIZE, libc::XDP_PGOFF_RX_RING)
                 .map_err(|e| err("mapping rx ring", e))?;
         let (tx, tx_map) =
-            map_ring::<libc::xdp_desc>(raw, &off.tx, RING_SIZE, libc::XDP_PGOFF_TX_RING)
+            map_ring::<libc::xdp_desc>(raw, &off.tx, TX_RING_SIZE, libc::XDP_PGOFF_TX_RING)
                 .map_err(|e| err("mapping tx ring", e))?;
 
         let mut xsk = Xsk {
@@ -470,7 +475,11 @@ impl Backend for Xsk {
 
     fn rx_burst(&mut self, max: usize, sink: &mut dyn FnMut(&[u8]) -> bool) -> Result<usize> {
         // The dataplane calls this on every fd event, including the POLLOUT
-        // that follows TX completions: recycle them here too.
+        // that follows TX completions: recycle them, and retry TX a kick
+        // left behind (device queue was busy), which nothing else would.
+        if self.tx.outstanding() > 0 {
+            self.kick_tx()?;
+        }
         self.reap_completions();
         let max = u32::try_from(max).unwrap_or(u32::MAX);
         let avail = self.rx.available(max);
