@@ -108,6 +108,8 @@ pub struct TempDir {
 
 impl TempDir {
     pub fn new() -> TempDir {
+        static REAP: std::sync::Once = std::sync::Once::new();
+        REAP.call_once(reap_stale_dirs);
         let path = std::env::temp_dir().join(unique_name("d"));
         std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
         TempDir { path }
@@ -120,6 +122,32 @@ impl TempDir {
     /// `self/name`.
     pub fn join(&self, name: &str) -> PathBuf {
         self.path.join(name)
+    }
+}
+
+/// True if `name` was made by [`unique_name`] in a process that is gone.
+pub fn is_stale_name(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix(PREFIX) else {
+        return false;
+    };
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    match digits.parse::<u32>() {
+        Ok(pid) => pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists(),
+        Err(_) => false,
+    }
+}
+
+/// Removes `/tmp/vfxc<pid>...` directories of test processes that are gone
+/// (killed before their guards ran).
+pub fn reap_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if is_stale_name(&name) && e.file_type().is_ok_and(|t| t.is_dir()) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
     }
 }
 

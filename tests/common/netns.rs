@@ -5,28 +5,12 @@
 //! constructor call in a process also removes leftovers from test processes
 //! that no longer exist ([`reap_stale`]), e.g. after a CI timeout killed one.
 
-use super::{run, run_ok, unique_name, wait_until, PREFIX};
+use super::{is_stale_name as is_stale, run, run_ok, unique_name, wait_until};
 use std::process::{Command, Output, Stdio};
 use std::sync::Once;
 use std::time::Duration;
 
 static REAP: Once = Once::new();
-
-/// The pid encoded in a name made by [`unique_name`], if it is one.
-fn owner_pid(name: &str) -> Option<u32> {
-    let rest = name.strip_prefix(PREFIX)?;
-    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-    digits.parse().ok()
-}
-
-fn is_stale(name: &str) -> bool {
-    match owner_pid(name) {
-        Some(pid) => {
-            pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
-        }
-        None => false,
-    }
-}
 
 /// Deletes namespaces and links named `vfxc<pid>...` whose process is gone.
 pub fn reap_stale() {
