@@ -3,6 +3,7 @@
 //! through [`RingCtl`], and interrupts; everything that touches descriptors
 //! lives here.
 
+pub mod dirty_log;
 pub mod mem;
 pub mod ring;
 mod rx;
@@ -15,6 +16,7 @@ use log::{error, info};
 use vfrelay_backends::Backend;
 
 use crate::stats::QueueStats;
+use dirty_log::{DirtyLog, LogCache};
 use mem::MemView;
 use ring::{Chain, ChainError, RingAddrs, SplitRing};
 
@@ -41,6 +43,11 @@ pub trait RingCtl {
     /// The queue is stopped for a guest error; raise NEEDS_RESET or the
     /// error fd where the transport has one.
     fn broken(&mut self, _err: &ChainError) {}
+    /// Guest address to log used-ring writes at (VHOST_VRING_F_LOG), if
+    /// the frontend asked for used-ring logging.
+    fn log_addr(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The per-round work the dataplane hands a frontend: memory, RX ring, TX ring.
@@ -53,6 +60,10 @@ pub trait RingPairAccess {
     /// Features the driver acked (may change, e.g. LOG_ALL at migration).
     fn features(&self) -> u64;
     fn round(&self, f: &mut RoundFn<'_>) -> usize;
+    /// The dirty log, only while the front end has logging on (LOG_ALL).
+    fn dirty_log(&self) -> Option<Arc<DirtyLog>> {
+        None
+    }
 }
 
 /// Cached translation of one ring plus its stop state.
@@ -116,8 +127,17 @@ impl RingSlot {
     }
 
     /// Hand indices back to the frontend and interrupt if the guest wants it.
-    fn finish(&mut self, ctl: &mut dyn RingCtl) {
+    /// While logging, the used ring (entries, index, avail_event) and the
+    /// buffers marked during the burst reach the log before the guest can
+    /// see the new index.
+    fn finish(&mut self, ctl: &mut dyn RingCtl, log: Option<&DirtyLog>, cache: &mut LogCache) {
         if let Some(r) = self.ring.as_mut() {
+            if let Some(log) = log {
+                if let Some(addr) = ctl.log_addr() {
+                    cache.mark(log, addr, r.used_len());
+                }
+                cache.flush(log);
+            }
             if r.publish_used() {
                 ctl.signal();
             }
@@ -139,6 +159,7 @@ pub struct QueuePair {
     tx: RingSlot,
     rx_chain: Chain,
     tx_chain: Chain,
+    log_cache: LogCache,
     /// TX stopped because the backend was full: wait for it, not the guest.
     tx_blocked: bool,
     rx_name: String,
@@ -167,6 +188,7 @@ impl QueuePair {
             tx: RingSlot::default(),
             rx_chain: Chain::default(),
             tx_chain: Chain::default(),
+            log_cache: LogCache::default(),
             tx_blocked: false,
         }
     }
@@ -201,6 +223,7 @@ impl QueuePair {
     pub fn round(
         &mut self,
         mem: &Arc<MemView>,
+        log: Option<&DirtyLog>,
         rx: &mut dyn RingCtl,
         tx: &mut dyn RingCtl,
     ) -> usize {
@@ -224,7 +247,7 @@ impl QueuePair {
                 }
                 Err(e) => self.tx.fail(tx, &self.tx_name, &e, &mut self.stats),
             }
-            self.tx.finish(tx);
+            self.tx.finish(tx, log, &mut self.log_cache);
         }
         if let Some(ring) = self
             .rx
@@ -238,12 +261,13 @@ impl QueuePair {
                 &mut *self.backend,
                 self.hdr_len,
                 mrg,
+                log.map(|l| (l, &mut self.log_cache)),
                 &mut self.stats,
             ) {
                 Ok(n) => moved += n,
                 Err(e) => self.rx.fail(rx, &self.rx_name, &e, &mut self.stats),
             }
-            self.rx.finish(rx);
+            self.rx.finish(rx, log, &mut self.log_cache);
         }
         if moved > 0 {
             // Loopback frames produced by TX are waiting; a blocked TX may
@@ -287,10 +311,16 @@ impl QueuePair {
     pub fn run_event(&mut self, rings: &dyn RingPairAccess) {
         self.sync_features(rings.features());
         loop {
-            while rings.round(&mut |m, rx, tx| self.round(m, rx, tx)) > 0 {}
+            // The log is looked up per round: logging may start or stop
+            // between bursts (SET_FEATURES with or without LOG_ALL).
+            while {
+                let log = rings.dirty_log();
+                rings.round(&mut |m, rx, tx| self.round(m, log.as_deref(), rx, tx)) > 0
+            } {}
+            let log = rings.dirty_log();
             let again = rings.round(&mut |m, rx, tx| {
                 self.set_kicks(m, rx, tx, true);
-                let n = self.round(m, rx, tx);
+                let n = self.round(m, log.as_deref(), rx, tx);
                 if n > 0 {
                     self.set_kicks(m, rx, tx, false);
                 }
@@ -313,13 +343,14 @@ impl QueuePair {
                 self.sync_features(rings.features());
             }
             let mut active = false;
+            let log = rings.dirty_log();
             let n = rings.round(&mut |m, rx, tx| {
                 active = rx.active() || tx.active();
                 if !armed && active {
                     self.set_kicks(m, rx, tx, false);
                     armed = true;
                 }
-                self.round(m, rx, tx)
+                self.round(m, log.as_deref(), rx, tx)
             });
             if n == 0 {
                 idle_rounds += 1;

@@ -230,6 +230,11 @@ impl SplitRing {
             .store(v, Ordering::Relaxed)
     }
 
+    /// Bytes of the used ring: flags, idx, entries, avail_event.
+    pub fn used_len(&self) -> u64 {
+        6 + 8 * self.size() as u64
+    }
+
     /// Number of chains the guest has made available that we have not
     /// consumed. Checks the index is sane.
     pub fn pending(&mut self) -> Result<u16, ChainError> {

@@ -3,6 +3,7 @@
 
 use vfrelay_backends::{Backend, VNET_HDR_LEN};
 
+use super::dirty_log::{DirtyLog, LogCache};
 use super::mem::MemView;
 use super::ring::{Chain, ChainError, SplitRing};
 use super::BURST;
@@ -78,7 +79,21 @@ fn set_num_buffers(iov: &[libc::iovec], n: u16) {
     c.write(&skip[..2]);
 }
 
+/// Mark the first `written` bytes of a chain dirty.
+fn log_written(chain: &Chain, mut written: usize, log: &DirtyLog, cache: &mut LogCache) {
+    for (v, gpa) in chain.iov.iter().zip(&chain.gpa) {
+        if written == 0 {
+            break;
+        }
+        let k = written.min(v.iov_len);
+        cache.mark(log, *gpa, k as u64);
+        written -= k;
+    }
+}
+
 /// Deliver up to BURST frames. A chain error aborts the burst.
+/// `log`: while migration logging is on, every byte written is marked.
+#[allow(clippy::too_many_arguments)]
 pub fn burst(
     ring: &mut SplitRing,
     mem: &MemView,
@@ -86,6 +101,7 @@ pub fn burst(
     backend: &mut dyn Backend,
     hdr_len: usize,
     mrg: bool,
+    mut log: Option<(&DirtyLog, &mut LogCache)>,
     stats: &mut QueueStats,
 ) -> Result<usize, ChainError> {
     let vnet = backend.vnet_hdr();
@@ -101,6 +117,7 @@ pub fn burst(
         } else {
             (&zero_hdr[..], frame)
         };
+        let logging = log.as_mut().map(|(l, c)| (*l, &mut **c));
         match deliver(
             ring,
             mem,
@@ -109,6 +126,7 @@ pub fn burst(
             payload,
             hdr_len,
             mrg,
+            logging,
         ) {
             Ok(Delivery::Done) => {
                 stats.rx_frames += 1;
@@ -148,6 +166,7 @@ enum Delivery {
     TooBig,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn deliver(
     ring: &mut SplitRing,
     mem: &MemView,
@@ -156,6 +175,7 @@ fn deliver(
     payload: &[u8],
     hdr_len: usize,
     mrg: bool,
+    mut log: Option<(&DirtyLog, &mut LogCache)>,
 ) -> Result<Delivery, ChainError> {
     // The header we write: the backend's (or zero), num_buffers patched
     // below once known; a 10-byte legacy header has no num_buffers.
@@ -178,16 +198,20 @@ fn deliver(
         let mut c = Cursor::new(&chain.iov);
         c.write(&h[..hdr_len]);
         c.write(payload);
+        if let Some((l, cache)) = log {
+            log_written(chain, total, l, cache);
+        }
         ring.put_used(chain.head, total as u32);
         return Ok(Delivery::Done);
     }
 
     // Mergeable: spread the frame over as many chains as it needs. The
-    // first chain's iovecs are kept to patch num_buffers at the end.
-    let mut first: [libc::iovec; 2] = [libc::iovec {
+    // first chain's iovecs are kept to patch num_buffers at the end; the
+    // header spans at most VNET_HDR_LEN segments.
+    let mut first: [libc::iovec; VNET_HDR_LEN] = [libc::iovec {
         iov_base: std::ptr::null_mut(),
         iov_len: 0,
-    }; 2];
+    }; VNET_HDR_LEN];
     let mut first_n = 0;
     let mut used = 0u16;
     let mut header_left: &[u8] = &h[..hdr_len];
@@ -206,10 +230,13 @@ fn deliver(
         header_left = &header_left[k..];
         let k = c.write(data);
         data = &data[k..];
+        // Logged even if this frame is rolled back below: the bytes were
+        // written all the same.
+        if let Some((l, cache)) = log.as_mut() {
+            log_written(chain, c.written, l, cache);
+        }
         if used == 0 {
-            // num_buffers lives in bytes 10..12: within the first two
-            // segments unless the driver uses absurdly tiny buffers.
-            first_n = chain.iov.len().min(2);
+            first_n = chain.iov.len().min(VNET_HDR_LEN);
             first[..first_n].copy_from_slice(&chain.iov[..first_n]);
         }
         if c.written == 0 {

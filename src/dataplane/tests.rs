@@ -33,6 +33,7 @@ struct FakeCtl {
     next_used: u16,
     signals: Cell<u32>,
     broken: Option<ChainError>,
+    log_addr: Option<u64>,
 }
 
 impl RingCtl for FakeCtl {
@@ -63,6 +64,9 @@ impl RingCtl for FakeCtl {
     fn broken(&mut self, e: &ChainError) {
         self.broken = Some(e.clone())
     }
+    fn log_addr(&self) -> Option<u64> {
+        self.log_addr
+    }
 }
 
 struct Guest {
@@ -74,11 +78,15 @@ struct Guest {
     tx_ctl: std::cell::RefCell<FakeCtl>,
     data_next: u64,
     features: u64,
+    log: Option<Arc<dirty_log::DirtyLog>>,
 }
 
 impl RingPairAccess for Guest {
     fn features(&self) -> u64 {
         self.features
+    }
+    fn dirty_log(&self) -> Option<Arc<dirty_log::DirtyLog>> {
+        self.log.clone()
     }
     fn round(&self, f: &mut RoundFn<'_>) -> usize {
         f(
@@ -116,6 +124,7 @@ impl Guest {
                 next_used: 0,
                 signals: Cell::new(0),
                 broken: None,
+                log_addr: None,
             })
         };
         Box::new(Guest {
@@ -127,6 +136,7 @@ impl Guest {
             tx,
             data_next: BASE + 0x10000,
             features: FEATURES,
+            log: None,
         })
     }
 
@@ -388,4 +398,85 @@ fn inactive_rings_are_not_touched() {
     q.run_event(&*g);
     assert!(g.used(true).is_empty());
     assert_eq!(q.stats.tx_frames, 0);
+}
+
+/// Pages set in a log, relative to the test memory's first page.
+fn logged_pages(log: &dirty_log::DirtyLog) -> Vec<u64> {
+    let mut v = Vec::new();
+    for (i, b) in log.bytes().iter().enumerate() {
+        for bit in 0..8 {
+            if b & (1 << bit) != 0 {
+                v.push(i as u64 * 8 + bit - (BASE >> 12));
+            }
+        }
+    }
+    v
+}
+
+fn with_log(g: &mut Guest) -> Arc<dirty_log::DirtyLog> {
+    use std::os::fd::AsFd;
+    // Covers the test memory: (BASE + 1 MiB) / 4 KiB pages.
+    let fd = dirty_log::tests::memfd(4096);
+    let log = Arc::new(dirty_log::DirtyLog::map(fd.as_fd(), 0, 4096).unwrap());
+    g.log = Some(log.clone());
+    log
+}
+
+#[test]
+fn rx_writes_and_used_ring_are_logged_while_logging() {
+    let mut g = Guest::new();
+    let log = with_log(&mut g);
+    let (rx_used, tx_used) = (g.rx.used, g.tx.used);
+    g.rx_ctl.borrow_mut().log_addr = Some(rx_used);
+    g.tx_ctl.borrow_mut().log_addr = Some(tx_used);
+    let mut q = qp();
+    // A buffer that straddles a page boundary, and a second in a far page.
+    g.data_next = BASE + 0x20000 - 100;
+    let b0 = g.post_rx(2048);
+    g.data_next = BASE + 0x30000;
+    let b1 = g.post_rx(2048);
+    g.send(&frame(1000, 1));
+    g.send(&frame(60, 2));
+    q.run_event(&*g);
+    assert_eq!(g.used(false).len(), 2);
+    let pages = logged_pages(&log);
+    let page = |a: u64| (a - BASE) >> 12;
+    // Frame 1 (1012 bytes) crosses from b0's page into the next.
+    assert!(
+        pages.contains(&page(b0)) && pages.contains(&(page(b0) + 1)),
+        "{pages:?}"
+    );
+    assert!(pages.contains(&page(b1)));
+    // Both used rings (one page each here).
+    assert!(pages.contains(&page(rx_used)) && pages.contains(&page(tx_used)));
+    // TX buffers are only read: not logged.
+    let tx_data_page = page(BASE + 0x10000);
+    assert!(!pages.contains(&tx_data_page), "{pages:?}");
+}
+
+#[test]
+fn nothing_is_logged_while_logging_is_off() {
+    let mut g = Guest::new();
+    let log = with_log(&mut g);
+    g.log = None; // LOG_ALL not acked: the frontend hands no log
+    g.rx_ctl.borrow_mut().log_addr = Some(g.rx.used);
+    let mut q = qp();
+    g.post_rx(2048);
+    g.send(&frame(100, 1));
+    q.run_event(&*g);
+    assert_eq!(g.used(false).len(), 1);
+    assert!(logged_pages(&log).is_empty());
+}
+
+#[test]
+fn rolled_back_mergeable_writes_are_still_logged() {
+    let mut g = Guest::new();
+    let log = with_log(&mut g);
+    let mut q = qp();
+    g.data_next = BASE + 0x50000;
+    let b0 = g.post_rx(64);
+    g.send(&frame(500, 1));
+    q.run_event(&*g);
+    assert!(g.used(false).is_empty(), "frame needs more buffers");
+    assert!(logged_pages(&log).contains(&((b0 - BASE) >> 12)));
 }
