@@ -5,6 +5,9 @@
 #   initramfs.cpio.gz    busybox-static + the kernel modules the tests need + /init
 #   kernel.version       the kernel release (uname -r) inside the guest
 #
+# The initramfs also carries the guest-side test tools from tests/guest-tools/
+# (built here with `gcc -static -O2`): /bin/udpcheck.
+#
 # Nothing is installed on the host: the kernel package is fetched with
 # `apt-get download` and unpacked with `dpkg-deb -x` under target/guest/.
 # Re-running is cheap: when the inputs (this script, the kernel package, the
@@ -45,7 +48,7 @@ BOOT_MODULES="virtio_pci,virtio_net"
 log() { echo "build-guest: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-for tool in apt-get apt-cache dpkg-deb cpio gzip xz sha256sum; do
+for tool in apt-get apt-cache dpkg-deb cpio gzip xz sha256sum gcc; do
     command -v "$tool" >/dev/null || die "$tool not found (run scripts/setup-host.sh)"
 done
 BUSYBOX=/bin/busybox
@@ -54,6 +57,12 @@ file_is_static() { ! LC_ALL=C ldd "$1" >/dev/null 2>&1; }
 file_is_static "$BUSYBOX" || die "$BUSYBOX is not static (install busybox-static)"
 
 mkdir -p "$OUT/cache"
+
+# Guest tools: C sources compiled statically (the initramfs has no libc).
+TOOLS_SRC=("$ROOT/tests/guest-tools/udpcheck.c")
+for src in "${TOOLS_SRC[@]}"; do [ -f "$src" ] || die "$src missing"; done
+# Inputs that decide whether the guest must be rebuilt.
+stamp_of() { { echo "$1"; sha256sum "$SELF" "$BUSYBOX" "${TOOLS_SRC[@]}"; } | sha256sum | cut -d' ' -f1; }
 
 # --- 1. choose the kernel package -------------------------------------------
 pick_kernel_pkg() {
@@ -82,7 +91,7 @@ if [ -z "$KPKG" ]; then
 fi
 
 # --- 2. up to date? ---------------------------------------------------------
-STAMP=$( { echo "$KPKG"; sha256sum "$SELF" "$BUSYBOX"; } | sha256sum | cut -d' ' -f1)
+STAMP=$(stamp_of "$KPKG")
 if [ -f "$OUT/.stamp" ] && [ "$(cat "$OUT/.stamp")" = "$STAMP" ] &&
     [ -s "$OUT/vmlinuz" ] && [ -s "$OUT/initramfs.cpio.gz" ]; then
     log "up to date ($KPKG) in $OUT"
@@ -115,7 +124,7 @@ if [ -z "$DEB" ] || [ ! -s "$DEB" ]; then
         apt-get update -q >&2
         KPKG=$(pick_kernel_pkg) || die "no linux-image 6.12 in bookworm-backports"
         KNAME=${KPKG%%=*}
-        STAMP=$( { echo "$KPKG"; sha256sum "$SELF" "$BUSYBOX"; } | sha256sum | cut -d' ' -f1)
+        STAMP=$(stamp_of "$KPKG")
         download || die "apt-get download $KPKG failed"
     fi
     # Keep only the package in use.
@@ -193,6 +202,15 @@ cp "$BUSYBOX" "$STAGE/bin/busybox"
 for applet in $("$BUSYBOX" --list); do
     [ "$applet" = busybox ] && continue
     ln -sf busybox "$STAGE/bin/$applet"
+done
+
+# Test tools. A static libc is in libc6-dev; a build failure stops here,
+# before a half-made initramfs could be stamped as current.
+for src in "${TOOLS_SRC[@]}"; do
+    name=$(basename "$src" .c)
+    gcc -static -O2 -Wall -Wextra -o "$STAGE/bin/$name" "$src" ||
+        die "cannot build $src (gcc -static needs libc6-dev)"
+    strip "$STAGE/bin/$name" 2>/dev/null || true
 done
 
 # Copy wanted modules, decompressed (busybox modprobe then needs no xz/zstd

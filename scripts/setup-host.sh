@@ -26,6 +26,9 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v ethtool >/dev/null || need+=(ethtool)
 command -v cpio >/dev/null || need+=(cpio)
 command -v python3 >/dev/null || need+=(python3)
+# build-guest.sh compiles the guest test tools with `gcc -static`.
+command -v gcc >/dev/null || need+=(gcc)
+[ -f "/usr/lib/$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)/libc.a" ] || need+=(libc6-dev)
 
 if [ ${#need[@]} -gt 0 ] || [ ${#bpo[@]} -gt 0 ] || [ ! -f /var/lib/vfrelay-apt-updated ]; then
     apt-get update -q
