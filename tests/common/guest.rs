@@ -9,9 +9,17 @@
 //!
 //! QEMU is killed on drop; while a test panics, drop also prints the console
 //! transcript and QEMU's stderr.
+//!
+//! Live migration: every QEMU gets a QMP socket in its own temp directory
+//! ([`Guest::qmp`], a small [`Qmp`] client). [`Guest::incoming`] starts a
+//! second QEMU with the same config waiting on `-incoming unix:...`;
+//! [`Guest::migrate`] moves the guest there. The destination's serial console
+//! is then the live one: [`Guest::take_over`] carries the command counter
+//! over, so the test keeps driving whichever `Guest` now runs the VM.
 
-use super::{repo_root, secs, unique_name};
-use std::io::{Read, Write};
+use super::{repo_root, secs, unique_name, TempDir};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex, Once};
@@ -48,6 +56,9 @@ pub struct GuestConfig {
     pub boot_timeout: Duration,
     /// Extra raw QEMU arguments.
     pub qemu_args: Vec<String>,
+    /// Run QEMU inside this network namespace (`ip netns exec`), e.g. so
+    /// `Net::Tap` opens a tap that lives there.
+    pub netns: Option<String>,
 }
 
 impl Default for GuestConfig {
@@ -58,6 +69,7 @@ impl Default for GuestConfig {
             mem_mb: 512,
             boot_timeout: secs(180),
             qemu_args: Vec::new(),
+            netns: None,
         }
     }
 }
@@ -143,16 +155,77 @@ pub struct Guest {
     seq: u32,
     /// Console bytes before this offset were already returned by `run`.
     consumed: usize,
+    /// Holds the QMP and incoming-migration sockets.
+    dir: TempDir,
+    qmp: Option<Qmp>,
 }
 
 impl Guest {
     /// Starts QEMU and waits for the guest shell. Panics (with the console
     /// transcript) if it does not come up within `cfg.boot_timeout`.
     pub fn boot(cfg: &GuestConfig) -> Guest {
+        let mut guest = Guest::spawn(cfg, &[]);
+        let started = Instant::now();
+        match guest.wait_for(READY, 0, cfg.boot_timeout) {
+            Some(end) => guest.consumed = end,
+            None => panic!(
+                "guest {} did not boot within {:?}\n{}",
+                guest.name,
+                cfg.boot_timeout,
+                guest.transcript()
+            ),
+        }
+        // The shell is up once it answers.
+        guest.ok("true");
+        eprintln!(
+            "guest {}: shell ready after {:.1}s",
+            guest.name,
+            started.elapsed().as_secs_f64()
+        );
+        guest
+    }
+
+    /// Starts a migration destination: QEMU with the same devices as `cfg`
+    /// waiting on [`migration_uri`](Self::migration_uri). Returns once its
+    /// QMP monitor answers (its vhost-user back ends are then connected).
+    pub fn incoming(cfg: &GuestConfig) -> Guest {
+        let dir = TempDir::new();
+        let uri = format!("unix:{}", dir.join("mig.sock").display());
+        let mut guest = Guest::spawn_in(cfg, &["-incoming".to_string(), uri], dir);
+        let status = guest.qmp().status();
+        assert_eq!(
+            status.as_deref(),
+            Some("inmigrate"),
+            "destination {} not waiting for migration\n{}",
+            guest.name,
+            guest.transcript()
+        );
+        eprintln!("guest {}: migration destination ready", guest.name);
+        guest
+    }
+
+    /// Where [`incoming`](Self::incoming) listens (`unix:PATH`).
+    pub fn migration_uri(&self) -> String {
+        format!("unix:{}", self.dir.join("mig.sock").display())
+    }
+
+    fn spawn(cfg: &GuestConfig, extra: &[String]) -> Guest {
+        Guest::spawn_in(cfg, extra, TempDir::new())
+    }
+
+    fn spawn_in(cfg: &GuestConfig, extra: &[String], dir: TempDir) -> Guest {
         let (kernel, initrd) = guest_images();
         let name = unique_name("g");
-        let mut cmd = Command::new("qemu-system-x86_64");
+        let mut cmd = match &cfg.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+                c
+            }
+            None => Command::new("qemu-system-x86_64"),
+        };
         let mem = format!("{}M", cfg.mem_mb);
+        let qmp = dir.join("qmp.sock");
         cmd.args(["-name", &name])
             .args(["-machine", "q35", "-accel", "tcg", "-cpu", "max"])
             .args(["-m", &mem, "-smp", "1"])
@@ -210,6 +283,9 @@ impl Guest {
             }
         }
         cmd.args(&cfg.qemu_args);
+        cmd.arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        cmd.args(extra);
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -249,7 +325,7 @@ impl Guest {
         });
 
         let stdin = child.stdin.take();
-        let mut guest = Guest {
+        Guest {
             name,
             child,
             stdin,
@@ -257,25 +333,9 @@ impl Guest {
             stderr,
             seq: 0,
             consumed: 0,
-        };
-        let started = Instant::now();
-        match guest.wait_for(READY, 0, cfg.boot_timeout) {
-            Some(end) => guest.consumed = end,
-            None => panic!(
-                "guest {} did not boot within {:?}\n{}",
-                guest.name,
-                cfg.boot_timeout,
-                guest.transcript()
-            ),
+            dir,
+            qmp: None,
         }
-        // The shell is up once it answers.
-        guest.ok("true");
-        eprintln!(
-            "guest {}: shell ready after {:.1}s",
-            guest.name,
-            started.elapsed().as_secs_f64()
-        );
-        guest
     }
 
     pub fn name(&self) -> &str {
@@ -303,34 +363,35 @@ impl Guest {
     /// Runs `cmd` in the guest shell; returns (exit status, output) with
     /// `\r` removed. Panics (with the transcript) on timeout.
     pub fn run_timeout(&mut self, cmd: &str, timeout: Duration) -> (i32, String) {
+        match self.try_run_timeout(cmd, timeout) {
+            Some(r) => r,
+            None => panic!(
+                "guest {}: `{cmd}` did not finish within {timeout:?}\n{}",
+                self.name,
+                self.transcript()
+            ),
+        }
+    }
+
+    /// Like [`run_timeout`](Self::run_timeout) but `None` on timeout or
+    /// QEMU exit, for tests that expect a guest may be broken.
+    pub fn try_run_timeout(&mut self, cmd: &str, timeout: Duration) -> Option<(i32, String)> {
         self.seq += 1;
         let seq = self.seq;
         let start = self.console.0.lock().unwrap().buf.len().max(self.consumed);
         // Marker split by quotes so echoed input never matches it.
         let text = format!("{cmd}\necho \"{MARK}\"\"{seq} $?\"\n");
-        let stdin = self.stdin.as_mut().expect("guest stdin closed");
-        if let Err(e) = stdin.write_all(text.as_bytes()).and_then(|_| stdin.flush()) {
-            panic!(
-                "guest {}: writing `{cmd}` failed: {e}\n{}",
-                self.name,
-                self.transcript()
-            );
+        let stdin = self.stdin.as_mut()?;
+        if stdin
+            .write_all(text.as_bytes())
+            .and_then(|_| stdin.flush())
+            .is_err()
+        {
+            return None;
         }
         let marker = format!("{MARK}{seq} ");
-        let Some(after) = self.wait_for(&marker, start, timeout) else {
-            panic!(
-                "guest {}: `{cmd}` did not finish within {timeout:?}\n{}",
-                self.name,
-                self.transcript()
-            );
-        };
-        let Some(eol) = self.wait_for("\n", after, secs(5)) else {
-            panic!(
-                "guest {}: marker line incomplete\n{}",
-                self.name,
-                self.transcript()
-            );
-        };
+        let after = self.wait_for(&marker, start, timeout)?;
+        let eol = self.wait_for("\n", after, secs(5))?;
         let con = self.console.0.lock().unwrap();
         let body_end = after - marker.len();
         let output = String::from_utf8_lossy(&con.buf[start..body_end]).replace('\r', "");
@@ -340,7 +401,7 @@ impl Guest {
             .unwrap_or(-1);
         drop(con);
         self.consumed = eol;
-        (status, output)
+        Some((status, output))
     }
 
     /// [`run_timeout`](Self::run_timeout) with a 60 s (scaled) timeout.
@@ -372,6 +433,129 @@ impl Guest {
             }
             std::thread::sleep(Duration::from_millis(500));
         }
+    }
+
+    /// The QMP monitor of this QEMU (connected on first use).
+    pub fn qmp(&mut self) -> &mut Qmp {
+        if self.qmp.is_none() {
+            let path = self.dir.join("qmp.sock");
+            match Qmp::connect(&path, secs(30)) {
+                Ok(q) => self.qmp = Some(q),
+                Err(e) => panic!(
+                    "guest {}: QMP {}: {e}\n{}",
+                    self.name,
+                    path.display(),
+                    self.transcript()
+                ),
+            }
+        }
+        self.qmp.as_mut().unwrap()
+    }
+
+    /// Migrates this (source) VM to `dest` (from [`incoming`](Self::incoming))
+    /// with `params`, polling `query-migrate` until it completes, fails or
+    /// `params.timeout` passes (then it is cancelled). Never panics on a
+    /// failed migration: the caller decides what a failure means.
+    pub fn migrate(&mut self, dest: &mut Guest, params: &MigrateParams) -> MigrationOutcome {
+        self.migrate_with(dest, params, Duration::MAX, |_| {})
+    }
+
+    /// [`migrate`](Self::migrate), calling `during(self)` once when the
+    /// migration has been `active` for `after` (e.g. to read the guest's
+    /// state over the console while RAM is being copied; use short timeouts
+    /// there: the VM stops when the migration ends).
+    pub fn migrate_with(
+        &mut self,
+        dest: &mut Guest,
+        params: &MigrateParams,
+        after: Duration,
+        mut during: impl FnMut(&mut Guest),
+    ) -> MigrationOutcome {
+        let started = Instant::now();
+        let uri = dest.migration_uri();
+        let name = self.name.clone();
+        let q = self.qmp();
+        q.execute(
+            "migrate-set-parameters",
+            &format!(
+                r#"{{"max-bandwidth": {}, "downtime-limit": {}}}"#,
+                params.max_bandwidth, params.downtime_limit_ms
+            ),
+        )
+        .unwrap_or_else(|e| panic!("guest {name}: migrate-set-parameters: {e}"));
+        if let Err(e) = q.execute("migrate", &format!(r#"{{"uri": "{uri}"}}"#)) {
+            return MigrationOutcome {
+                status: "error".into(),
+                elapsed: started.elapsed(),
+                last_query: e,
+            };
+        }
+        let deadline = started + params.timeout;
+        let mut last = String::new();
+        let mut hook_done = false;
+        let status = loop {
+            std::thread::sleep(Duration::from_millis(200));
+            if !hook_done && started.elapsed() >= after {
+                hook_done = true;
+                during(self);
+            }
+            let q = self.qmp();
+            last = match q.execute("query-migrate", "{}") {
+                Ok(r) => r,
+                Err(e) => break format!("query-migrate error: {e}"),
+            };
+            let st = json_field(&last, "status").unwrap_or_default();
+            if matches!(st.as_str(), "completed" | "failed" | "cancelled") {
+                break st;
+            }
+            if Instant::now() >= deadline {
+                let _ = q.execute("migrate_cancel", "{}");
+                break "timeout".into();
+            }
+        };
+        let elapsed = started.elapsed();
+        if status == "completed" {
+            // The source reports completion once everything is sent; the
+            // destination then loads the last state and starts running.
+            let running = super::wait_until(secs(30), || {
+                dest.qmp().status().as_deref() == Some("running")
+            });
+            if !running {
+                return MigrationOutcome {
+                    status: format!("destination not running: {:?}", dest.qmp().status()),
+                    elapsed,
+                    last_query: last,
+                };
+            }
+        }
+        MigrationOutcome {
+            status,
+            elapsed,
+            last_query: last,
+        }
+    }
+
+    /// Makes this QEMU (a completed migration destination) the one the test
+    /// drives: console commands continue the source's numbering.
+    pub fn take_over(&mut self, source: &Guest) {
+        self.seq = self.seq.max(source.seq);
+    }
+
+    /// Asks QEMU to exit (`quit`), waiting up to 10 s; kills it after that.
+    pub fn quit(mut self) {
+        if let Some(q) = self.qmp.as_mut() {
+            let _ = q.execute("quit", "{}");
+        } else if let Ok(mut q) = Qmp::connect(&self.dir.join("qmp.sock"), secs(5)) {
+            let _ = q.execute("quit", "{}");
+        }
+        let child = &mut self.child;
+        super::wait_until(secs(10), || matches!(child.try_wait(), Ok(Some(_))));
+        self.stop();
+    }
+
+    /// QEMU's process id (`ip netns exec` execs QEMU, so also with a netns).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Everything the guest printed so far (`\r` removed).
@@ -419,6 +603,122 @@ impl Drop for Guest {
         if std::thread::panicking() {
             eprintln!("{}", self.transcript());
         }
+    }
+}
+
+/// Migration settings for [`Guest::migrate`].
+#[derive(Clone, Debug)]
+pub struct MigrateParams {
+    /// Bytes per second (QMP `max-bandwidth`).
+    pub max_bandwidth: u64,
+    /// Longest acceptable pause of the VM at the end (QMP `downtime-limit`).
+    pub downtime_limit_ms: u64,
+    /// Give up (and `migrate_cancel`) after this long.
+    pub timeout: Duration,
+}
+
+/// How a migration ended.
+#[derive(Clone, Debug)]
+pub struct MigrationOutcome {
+    /// `completed`, `failed`, `cancelled`, `timeout`, `error` (QEMU refused
+    /// to start it) or a note that the destination did not start running.
+    pub status: String,
+    pub elapsed: Duration,
+    /// The last `query-migrate` reply (or the error), for reports.
+    pub last_query: String,
+}
+
+impl MigrationOutcome {
+    pub fn completed(&self) -> bool {
+        self.status == "completed"
+    }
+}
+
+/// A minimal QMP client: one command at a time, replies matched as the next
+/// line with `return` or `error`; asynchronous events are kept in `events`.
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    pub events: Vec<String>,
+}
+
+impl Qmp {
+    /// Connects (retrying until `timeout`: QEMU creates the socket a moment
+    /// after it starts) and negotiates capabilities.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Qmp, String> {
+        let deadline = Instant::now() + timeout;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() >= deadline => return Err(format!("connect: {e}")),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        stream
+            .set_read_timeout(Some(secs(60)))
+            .map_err(|e| e.to_string())?;
+        let writer = stream.try_clone().map_err(|e| e.to_string())?;
+        let mut q = Qmp {
+            reader: BufReader::new(stream),
+            writer,
+            events: Vec::new(),
+        };
+        let greeting = q.line()?;
+        if !greeting.contains("\"QMP\"") {
+            return Err(format!("unexpected greeting: {greeting}"));
+        }
+        q.execute("qmp_capabilities", "{}")?;
+        Ok(q)
+    }
+
+    fn line(&mut self) -> Result<String, String> {
+        let mut l = String::new();
+        match self.reader.read_line(&mut l) {
+            Ok(0) => Err("QMP connection closed".into()),
+            Ok(_) => Ok(l.trim().to_string()),
+            Err(e) => Err(format!("QMP read: {e}")),
+        }
+    }
+
+    /// Runs `cmd` with JSON object `args`; `Ok(reply line)` for a `return`,
+    /// `Err(reply line)` for an `error`.
+    pub fn execute(&mut self, cmd: &str, args: &str) -> Result<String, String> {
+        let msg = format!("{{\"execute\": \"{cmd}\", \"arguments\": {args}}}\n");
+        self.writer
+            .write_all(msg.as_bytes())
+            .map_err(|e| format!("QMP write: {e}"))?;
+        loop {
+            let l = self.line()?;
+            if l.starts_with("{\"return\"") {
+                return Ok(l);
+            }
+            if l.starts_with("{\"error\"") {
+                return Err(l);
+            }
+            self.events.push(l);
+        }
+    }
+
+    /// `query-status` run state (`running`, `inmigrate`, `postmigrate`...).
+    pub fn status(&mut self) -> Option<String> {
+        let r = self.execute("query-status", "{}").ok()?;
+        json_field(&r, "status")
+    }
+}
+
+/// The value of the first `"key": value` in `json` (strings unquoted,
+/// escapes not decoded); enough for QMP's flat replies.
+pub fn json_field(json: &str, key: &str) -> Option<String> {
+    let pat = format!("\"{key}\"");
+    let at = json.find(&pat)? + pat.len();
+    let rest = json[at..].trim_start().strip_prefix(':')?.trim_start();
+    if let Some(body) = rest.strip_prefix('"') {
+        Some(body[..body.find('"')?].to_string())
+    } else {
+        let end = rest
+            .find(|c: char| c == ',' || c == '}' || c == ']' || c.is_whitespace())
+            .unwrap_or(rest.len());
+        Some(rest[..end].to_string())
     }
 }
 

@@ -26,6 +26,12 @@ impl Vfrelay {
     /// Spawns `vfrelay args...` (in `ns` when given). `RUST_LOG` is passed
     /// through; it defaults to `debug` so failure messages say enough.
     pub fn spawn(ns: Option<&Netns>, args: &[&str]) -> Vfrelay {
+        Vfrelay::spawn_env(ns, args, &[])
+    }
+
+    /// [`spawn`](Self::spawn) with extra environment variables (test-only
+    /// switches such as `VFRELAY_TEST_DISABLE_DIRTY_LOG`).
+    pub fn spawn_env(ns: Option<&Netns>, args: &[&str], env: &[(&str, &str)]) -> Vfrelay {
         let mut cmd = match ns {
             Some(ns) => ns.command(bin()),
             None => Command::new(bin()),
@@ -35,6 +41,7 @@ impl Vfrelay {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -70,10 +77,21 @@ impl Vfrelay {
     /// waits (10 s, scaled) for the socket to appear. Panics with the log if
     /// it does not or vfrelay exits.
     pub fn vhost_user(ns: Option<&Netns>, socket: &Path, backend: &str, extra: &[&str]) -> Vfrelay {
+        Vfrelay::vhost_user_env(ns, socket, backend, extra, &[])
+    }
+
+    /// [`vhost_user`](Self::vhost_user) with extra environment variables.
+    pub fn vhost_user_env(
+        ns: Option<&Netns>,
+        socket: &Path,
+        backend: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Vfrelay {
         let sock = socket.to_str().expect("utf-8 socket path");
         let mut args = vec!["vhost-user", "--socket", sock, "--backend", backend];
         args.extend_from_slice(extra);
-        let mut v = Vfrelay::spawn(ns, &args);
+        let mut v = Vfrelay::spawn_env(ns, &args, env);
         v.wait_for_socket(socket, secs(10));
         v
     }
