@@ -520,6 +520,11 @@ fn migrate_under_load(mode: Mode) -> Report {
                 .or_else(|| json_field(&outcome.last_query, "error-desc"))
                 .unwrap_or_default();
             round.status = format!("{}: {why}", outcome.status);
+            // A destination that failed to load leaves the source paused
+            // (postmigrate); resume it so the final counters can be read.
+            if guest.qmp().status().as_deref() != Some("running") {
+                let _ = guest.qmp().execute("cont", "{}");
+            }
             dest.quit();
             report.rounds.push(round);
             break;

@@ -517,12 +517,18 @@ impl Guest {
         if status == "completed" {
             // The source reports completion once everything is sent; the
             // destination then loads the last state and starts running.
-            let running = super::wait_until(secs(30), || {
-                dest.qmp().status().as_deref() == Some("running")
+            super::wait_until(secs(30), || {
+                !dest.is_running() || dest.qmp().status().as_deref() == Some("running")
             });
+            let running = dest.is_running() && dest.qmp().status().as_deref() == Some("running");
             if !running {
+                let state = if dest.is_running() {
+                    format!("{:?}", dest.qmp().status())
+                } else {
+                    format!("exited: {}", dest.qemu_stderr().trim())
+                };
                 return MigrationOutcome {
-                    status: format!("destination not running: {:?}", dest.qmp().status()),
+                    status: format!("destination not running ({state})"),
                     elapsed,
                     last_query: last,
                 };
