@@ -32,6 +32,8 @@ use crate::dataplane::{
 use crate::device::NetConfig;
 use crate::shutdown;
 
+mod relay;
+
 type GM = GuestMemoryAtomic<GuestMemoryMmap<()>>;
 type Vring = VringRwLock<GM>;
 
@@ -346,29 +348,66 @@ pub fn run(net: VhostUserNet, socket: &Path, client: bool) -> Result<(), Error> 
     result
 }
 
+/// Run the daemon on a private connection and relay the front end's
+/// connection `front` to it.
+fn start_relayed(
+    daemon: &mut VhostUserDaemon<VhostUserNet>,
+    front: UnixStream,
+) -> io::Result<relay::Relay> {
+    let (mut private, back) = relay::private_endpoint()?;
+    daemon
+        .start(&mut private)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    if let Err(e) = relay::ensure_ours_accepted(&private) {
+        daemon.request_shutdown();
+        let _ = daemon.wait();
+        return Err(e);
+    }
+    relay::Relay::start(front, back)
+}
+
 fn serve_loop(
     net: &VhostUserNet,
     socket: &Path,
-    mut listener: Option<&mut Listener>,
+    listener: Option<&mut Listener>,
 ) -> Result<(), Error> {
     let path_str = socket.to_string_lossy().to_string();
     if listener.is_some() {
         info!("listening on {}", socket.display());
     }
     loop {
-        // Wait for a front end (or shutdown) before building a daemon.
-        match listener.as_deref() {
+        // Take the front end's connection ourselves (or give up on shutdown):
+        // it is relayed to the daemon, see relay.rs for why.
+        let front = match listener.as_deref() {
             Some(l) => {
                 if !shutdown::wait_readable(l.as_raw_fd()) {
                     return Ok(());
+                }
+                match l.accept() {
+                    Ok(Some(s)) => s,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        warn!("accepting front end: {e}");
+                        continue;
+                    }
                 }
             }
             None => {
                 if shutdown::requested() {
                     return Ok(());
                 }
+                match UnixStream::connect(socket) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        debug!("connecting to {path_str}: {e}");
+                        if shutdown::sleep(Duration::from_millis(500)) {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                }
             }
-        }
+        };
 
         let mut daemon = VhostUserDaemon::new(
             "vfrelay".into(),
@@ -392,21 +431,13 @@ fn serve_loop(
             }
         }
 
-        let started = match listener.as_deref_mut() {
-            Some(l) => daemon.start(l),
-            None => daemon.start_client(&path_str),
-        };
-        if let Err(e) = started {
-            if listener.is_some() {
-                warn!("accepting front end: {e}");
-            } else {
-                debug!("connecting to {path_str}: {e}");
-                if shutdown::sleep(Duration::from_millis(500)) {
-                    return Ok(());
-                }
+        let relay = match start_relayed(&mut daemon, front) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("starting vhost-user connection: {e}");
+                continue;
             }
-            continue;
-        }
+        };
         info!("front end connected");
         if let Some(h) = daemon.shutdown_handle() {
             shutdown::set_handle(Some(h));
@@ -418,6 +449,7 @@ fn serve_loop(
             Err(e) => warn!("front end connection ended: {e}"),
         }
         shutdown::set_handle(None);
+        relay.finish();
         net.end_connection();
         // Dropping the daemon stops and joins its worker threads.
         drop(daemon);
