@@ -34,6 +34,8 @@ struct Cli {
 enum Command {
     /// Serve a virtio-net device over a vhost-user socket.
     VhostUser(VhostUserArgs),
+    /// Serve a virtio-net device as a VDUSE (vDPA) device in this kernel.
+    Vduse(VduseArgs),
 }
 
 #[derive(Args, Debug)]
@@ -66,6 +68,22 @@ struct VhostUserArgs {
     queues: u16,
     /// Largest ring size the front end may use (power of two).
     #[arg(long, default_value_t = 1024, value_parser = parse_queue_size)]
+    queue_size: u16,
+    #[command(flatten)]
+    dev: DeviceArgs,
+}
+
+#[derive(Args, Debug)]
+struct VduseArgs {
+    /// VDUSE device name (/dev/vduse/NAME, vdpa device NAME).
+    #[arg(long)]
+    name: String,
+    /// vDPA bus driver to attach to: a kernel netdev (virtio-vdpa), a
+    /// /dev/vhost-vdpa-N for QEMU (vhost-vdpa), or none (attach yourself).
+    #[arg(long, value_enum, default_value = "virtio-vdpa")]
+    attach: frontend::vduse::Attach,
+    /// Ring size offered to the driver (power of two).
+    #[arg(long, default_value_t = 256, value_parser = parse_queue_size)]
     queue_size: u16,
     #[command(flatten)]
     dev: DeviceArgs,
@@ -165,6 +183,33 @@ fn run(cmd: Command) -> Result<(), Box<dyn std::error::Error>> {
             info!("stopped");
             Ok(())
         }
+        Command::Vduse(a) => {
+            let cfg = NetConfig {
+                mac: a.dev.mac.unwrap_or_else(device::random_mac),
+                mtu: a.dev.mtu,
+                queue_pairs: 1,
+                queue_size: a.queue_size,
+                poll: a.dev.poll,
+            };
+            let backends = a.dev.backend.open(1)?;
+            info!(
+                "VDUSE virtio-net {}: mac {} mtu {} backend {}{}",
+                a.name,
+                device::format_mac(&cfg.mac),
+                cfg.mtu,
+                a.dev.backend,
+                if cfg.poll { " (polling)" } else { "" }
+            );
+            let net = frontend::vduse::VduseNet {
+                name: a.name,
+                attach: a.attach,
+                cfg,
+                offloads: a.dev.backend.offload_features(),
+            };
+            frontend::vduse::run(net, backends)?;
+            info!("stopped");
+            Ok(())
+        }
     }
 }
 
@@ -196,16 +241,60 @@ mod tests {
             "af-xdp,ifname=v0,queue=1,mode=copy",
         ])
         .unwrap();
-        let Command::VhostUser(a) = c.cmd;
+        let Command::VhostUser(a) = c.cmd else {
+            panic!("not vhost-user")
+        };
         assert!(a.client && a.dev.poll);
         assert_eq!((a.queues, a.queue_size, a.dev.mtu), (2, 256, 9000));
         assert_eq!(
             a.dev.backend.to_string(),
             "af-xdp,ifname=v0,queue=1,mode=copy"
         );
-        let Command::VhostUser(a) = parse(&["vhost-user", "--socket", "/tmp/s"]).unwrap().cmd;
+        let Command::VhostUser(a) = parse(&["vhost-user", "--socket", "/tmp/s"]).unwrap().cmd else {
+            panic!("not vhost-user")
+        };
         assert_eq!(a.dev.backend, BackendSpec::default());
         assert_eq!(a.queues, 1);
+    }
+
+    #[test]
+    fn vduse_cli() {
+        let c = parse(&[
+            "vduse",
+            "--name",
+            "vd0",
+            "--attach",
+            "vhost-vdpa",
+            "--mac",
+            "52:54:00:00:00:02",
+            "--mtu",
+            "1400",
+            "--backend",
+            "af-xdp,ifname=v0",
+        ])
+        .unwrap();
+        let Command::Vduse(a) = c.cmd else {
+            panic!("not vduse")
+        };
+        assert_eq!(a.name, "vd0");
+        assert_eq!(a.attach, frontend::vduse::Attach::VhostVdpa);
+        assert_eq!((a.dev.mtu, a.queue_size), (1400, 256));
+        let Command::Vduse(a) = parse(&["vduse", "--name", "x"]).unwrap().cmd else {
+            panic!("not vduse")
+        };
+        assert_eq!(a.attach, frontend::vduse::Attach::VirtioVdpa);
+        for bad in [
+            &["vduse"][..],
+            &["vduse", "--name", "x", "--attach", "vfio"],
+            &["vduse", "--name", "x", "--queues", "2"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+        let c = parse(&["vduse", "--name", "x", "--attach", "none"]).unwrap();
+        let Command::Vduse(a) = c.cmd else {
+            panic!("not vduse")
+        };
+        assert_eq!(a.attach, frontend::vduse::Attach::None);
     }
 
     #[test]

@@ -58,6 +58,13 @@ impl MemView {
         v
     }
 
+    /// The same view, keeping `owner` (whatever unmaps the ranges added
+    /// with [`add`](Self::add)) alive as long as the view.
+    pub fn with_owner(mut self, owner: Owner) -> Self {
+        self._owner = Some(owner);
+        self
+    }
+
     /// Add a mapping. Overlapping ranges are refused (false).
     pub fn add(&mut self, gpa: u64, len: u64, host: *mut u8) -> bool {
         if len == 0 || gpa.checked_add(len).is_none() {

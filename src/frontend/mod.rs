@@ -1,1 +1,2 @@
 pub mod vhost_user;
+pub mod vduse;
