@@ -82,6 +82,24 @@ pub fn random_mac() -> [u8; 6] {
     b
 }
 
+/// The frame a migrated guest's port sends so switches learn where its MAC
+/// went (what QEMU's announce sends): a broadcast RARP "reverse request"
+/// from and about `mac`, padded to the Ethernet minimum.
+pub fn rarp_frame(mac: &[u8; 6]) -> [u8; 60] {
+    let mut f = [0u8; 60];
+    f[0..6].copy_from_slice(&[0xff; 6]);
+    f[6..12].copy_from_slice(mac);
+    f[12..14].copy_from_slice(&0x8035u16.to_be_bytes()); // ETH_P_RARP
+    f[14..16].copy_from_slice(&1u16.to_be_bytes()); // hardware: Ethernet
+    f[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // protocol: IPv4
+    f[18] = 6;
+    f[19] = 4;
+    f[20..22].copy_from_slice(&3u16.to_be_bytes()); // reverse request
+    f[22..28].copy_from_slice(mac); // sender hardware address
+    f[32..38].copy_from_slice(mac); // target hardware address
+    f
+}
+
 pub fn format_mac(m: &[u8; 6]) -> String {
     format!(
         "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
@@ -115,6 +133,20 @@ mod tests {
         );
         assert!(cfg().config_space(1, 250, 10).is_empty());
         assert!(cfg().config_space(1, u32::MAX, 2).is_empty());
+    }
+
+    #[test]
+    fn rarp_layout() {
+        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        let f = rarp_frame(&mac);
+        assert_eq!(&f[..6], &[0xff; 6]);
+        assert_eq!(&f[6..12], &mac);
+        assert_eq!(&f[12..14], &[0x80, 0x35]);
+        assert_eq!(&f[20..22], &[0, 3]);
+        assert_eq!(&f[22..28], &mac);
+        assert_eq!(&f[28..32], &[0; 4]);
+        assert_eq!(&f[32..38], &mac);
+        assert!(f[38..].iter().all(|b| *b == 0));
     }
 
     #[test]

@@ -64,6 +64,11 @@ pub trait RingPairAccess {
     fn dirty_log(&self) -> Option<Arc<DirtyLog>> {
         None
     }
+    /// A MAC to announce (RARP) that a polling worker should send; event
+    /// mode frontends call [`QueuePair::announce`] directly.
+    fn take_announce(&self) -> Option<[u8; 6]> {
+        None
+    }
 }
 
 /// Cached translation of one ring plus its stop state.
@@ -212,6 +217,36 @@ impl QueuePair {
         }
     }
 
+    /// Send a RARP for `mac` out of the backend, so the network learns where
+    /// a migrated guest now is.
+    pub fn announce(&mut self, mac: &[u8; 6]) {
+        let frame = crate::device::rarp_frame(mac);
+        let hdr = [0u8; vfrelay_backends::VNET_HDR_LEN];
+        let mut segs = [
+            libc::iovec {
+                iov_base: hdr.as_ptr() as *mut libc::c_void,
+                iov_len: hdr.len(),
+            },
+            libc::iovec {
+                iov_base: frame.as_ptr() as *mut libc::c_void,
+                iov_len: frame.len(),
+            },
+        ];
+        let segs: &mut [libc::iovec] = if self.backend.vnet_hdr() {
+            &mut segs
+        } else {
+            &mut segs[1..]
+        };
+        match self
+            .backend
+            .tx_frame(segs)
+            .and_then(|_| self.backend.tx_flush())
+        {
+            Ok(()) => {}
+            Err(e) => error!("{}: sending RARP: {e}", self.backend.describe()),
+        }
+    }
+
     /// Forget ring state (frontend disconnected or device reset).
     pub fn reset(&mut self) {
         self.rx = RingSlot::default();
@@ -341,6 +376,9 @@ impl QueuePair {
         loop {
             if idle_rounds.is_multiple_of(1024) {
                 self.sync_features(rings.features());
+                if let Some(mac) = rings.take_announce() {
+                    self.announce(&mac);
+                }
             }
             let mut active = false;
             let log = rings.dirty_log();

@@ -4,7 +4,7 @@
 //! rings for the shared dataplane.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use log::{debug, info, warn};
+use log::{debug, error, info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringState, VringT};
@@ -23,6 +23,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::dataplane::dirty_log::DirtyLog;
 use crate::dataplane::mem::MemView;
 use crate::dataplane::ring::RingAddrs;
 use crate::dataplane::{
@@ -73,7 +74,24 @@ struct Inner {
     acked: AtomicU64,
     /// Set when the current connection ends: poll loops return.
     stop: AtomicBool,
+    /// The front end's dirty log (SET_LOG_BASE), used while LOG_ALL is on.
+    log: RwLock<Option<Arc<DirtyLog>>>,
+    logging: AtomicBool,
+    /// Per vring: where used-ring writes are logged (NO_LOG_ADDR: nowhere).
+    vring_log: Vec<AtomicU64>,
+    /// Test-only: pretend to log (VFRELAY_TEST_DISABLE_DIRTY_LOG=1), so the
+    /// migration test can show it catches a missing log.
+    log_disabled_for_test: bool,
+    /// A SEND_RARP waiting for the polling worker of queue pair 0.
+    pending_rarp: Mutex<Option<[u8; 6]>>,
 }
+
+const NO_LOG_ADDR: u64 = u64::MAX;
+/// VHOST_F_LOG_ALL: the front end may ask for dirty-page logging.
+pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
+/// VIRTIO_NET_F_GUEST_ANNOUNCE: QEMU lets the guest announce itself after
+/// migration; without it QEMU asks us to (SEND_RARP).
+pub const VIRTIO_NET_F_GUEST_ANNOUNCE: u64 = 1 << 21;
 
 impl VhostUserNet {
     pub fn new(
@@ -82,6 +100,7 @@ impl VhostUserNet {
         backends: Vec<Box<dyn vfrelay_backends::Backend>>,
     ) -> Self {
         let backend_fds = backends.iter().map(|b| b.poll_fd()).collect();
+        let queue_pairs = cfg.queue_pairs;
         let qps = backends
             .into_iter()
             .enumerate()
@@ -96,22 +115,47 @@ impl VhostUserNet {
                 mem: RwLock::new(Arc::new(MemView::empty())),
                 acked: AtomicU64::new(0),
                 stop: AtomicBool::new(false),
+                log: RwLock::new(None),
+                logging: AtomicBool::new(false),
+                vring_log: (0..2 * queue_pairs)
+                    .map(|_| AtomicU64::new(NO_LOG_ADDR))
+                    .collect(),
+                log_disabled_for_test: std::env::var_os("VFRELAY_TEST_DISABLE_DIRTY_LOG")
+                    .is_some_and(|v| v == "1"),
+                pending_rarp: Mutex::new(None),
             }),
         }
     }
 
     /// Features offered to the driver.
     pub fn device_features(&self) -> u64 {
-        self.inner.cfg.virtio_features() | self.inner.offloads | VHOST_USER_F_PROTOCOL_FEATURES
+        self.inner.cfg.virtio_features()
+            | self.inner.offloads
+            | VHOST_USER_F_PROTOCOL_FEATURES
+            | VHOST_F_LOG_ALL
+            | VIRTIO_NET_F_GUEST_ANNOUNCE
+    }
+
+    /// Forget everything about the previous front end: its memory and log
+    /// are unmapped (the workers are stopped), rings and indices reset.
+    fn reset_connection_state(&self) {
+        let i = &self.inner;
+        i.acked.store(0, Ordering::SeqCst);
+        i.logging.store(false, Ordering::SeqCst);
+        *i.log.write().unwrap() = None;
+        for v in &i.vring_log {
+            v.store(NO_LOG_ADDR, Ordering::SeqCst);
+        }
+        *i.pending_rarp.lock().unwrap() = None;
+        for qp in &i.qps {
+            qp.lock().unwrap().reset();
+        }
+        *i.mem.write().unwrap() = Arc::new(MemView::empty());
     }
 
     fn begin_connection(&self) {
         self.inner.stop.store(false, Ordering::SeqCst);
-        self.inner.acked.store(0, Ordering::SeqCst);
-        *self.inner.mem.write().unwrap() = Arc::new(MemView::empty());
-        for qp in &self.inner.qps {
-            qp.lock().unwrap().reset();
-        }
+        self.reset_connection_state();
     }
 
     fn end_connection(&self) {
@@ -132,8 +176,8 @@ impl VhostUserNet {
     }
 }
 
-/// A locked vring as the dataplane sees it.
-struct VuRing<'a>(&'a mut VringState<GM>);
+/// A locked vring as the dataplane sees it, with its used-ring log address.
+struct VuRing<'a>(&'a mut VringState<GM>, Option<u64>);
 
 impl RingCtl for VuRing<'_> {
     fn active(&self) -> bool {
@@ -168,12 +212,24 @@ impl RingCtl for VuRing<'_> {
             debug!("signalling guest: {e}");
         }
     }
+    fn log_addr(&self) -> Option<u64> {
+        self.1
+    }
 }
 
 struct VuPair<'a> {
     inner: &'a Inner,
+    /// Queue pair index: vrings 2*qp (rx) and 2*qp+1 (tx).
+    qp: usize,
     rx: &'a Vring,
     tx: &'a Vring,
+}
+
+impl VuPair<'_> {
+    fn log_addr(&self, vring: usize) -> Option<u64> {
+        let a = self.inner.vring_log.get(vring)?.load(Ordering::Relaxed);
+        (a != NO_LOG_ADDR).then_some(a)
+    }
 }
 
 impl RingPairAccess for VuPair<'_> {
@@ -182,11 +238,29 @@ impl RingPairAccess for VuPair<'_> {
     }
     fn round(&self, f: &mut RoundFn<'_>) -> usize {
         let mem = self.inner.mem.read().unwrap().clone();
+        let (rx_log, tx_log) = (self.log_addr(2 * self.qp), self.log_addr(2 * self.qp + 1));
         // Held for one burst: GET_VRING_BASE waits for it, so the ring base
         // it reports is consistent with what was used.
         let mut rx = self.rx.get_mut();
         let mut tx = self.tx.get_mut();
-        f(&mem, &mut VuRing(&mut rx), &mut VuRing(&mut tx))
+        f(
+            &mem,
+            &mut VuRing(&mut rx, rx_log),
+            &mut VuRing(&mut tx, tx_log),
+        )
+    }
+    fn dirty_log(&self) -> Option<Arc<DirtyLog>> {
+        let i = self.inner;
+        if !i.logging.load(Ordering::Relaxed) || i.log_disabled_for_test {
+            return None;
+        }
+        i.log.read().unwrap().clone()
+    }
+    fn take_announce(&self) -> Option<[u8; 6]> {
+        if self.qp != 0 {
+            return None;
+        }
+        self.inner.pending_rarp.lock().unwrap().take()
     }
 }
 
@@ -209,6 +283,15 @@ impl VhostUserBackend for VhostUserNet {
     fn acked_features(&self, features: u64) {
         debug!("driver acked features {features:#x}");
         self.inner.acked.store(features, Ordering::SeqCst);
+        // rust-vmm's handler keeps logging once a log base was set; logging
+        // follows LOG_ALL here, so a cancelled migration stops it again.
+        let on = features & VHOST_F_LOG_ALL != 0;
+        if self.inner.logging.swap(on, Ordering::SeqCst) != on {
+            if on && self.inner.log_disabled_for_test {
+                warn!("dirty-page logging requested but disabled for testing: migration WILL corrupt guest memory");
+            }
+            info!("dirty-page logging {}", if on { "on" } else { "off" });
+        }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -216,6 +299,8 @@ impl VhostUserBackend for VhostUserNet {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::RARP
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -263,6 +348,7 @@ impl VhostUserBackend for VhostUserNet {
         let mut qp = qp.lock().unwrap();
         let access = VuPair {
             inner: &self.inner,
+            qp: thread_id,
             rx,
             tx,
         };
@@ -348,11 +434,50 @@ pub fn run(net: VhostUserNet, socket: &Path, client: bool) -> Result<(), Error> 
     result
 }
 
+impl relay::Hooks for Inner {
+    fn set_log_base(&self, fd: &OwnedFd, size: u64, offset: u64) -> bool {
+        match DirtyLog::map(fd.as_fd(), offset, size) {
+            Ok(l) => {
+                info!("dirty log mapped: {size} bytes ({} pages)", l.pages());
+                // Replaces (and, once the workers let go, unmaps) any
+                // earlier log: QEMU sends a new one when guest memory grows.
+                *self.log.write().unwrap() = Some(Arc::new(l));
+                true
+            }
+            Err(e) => {
+                error!("mapping the dirty log ({size} bytes at {offset}): {e}");
+                false
+            }
+        }
+    }
+
+    fn set_vring_log(&self, index: u32, log_addr: Option<u64>) {
+        if let Some(v) = self.vring_log.get(index as usize) {
+            v.store(log_addr.unwrap_or(NO_LOG_ADDR), Ordering::SeqCst);
+        }
+    }
+
+    fn send_rarp(&self, mac: [u8; 6]) {
+        info!(
+            "announcing {} (RARP) after migration",
+            crate::device::format_mac(&mac)
+        );
+        if self.cfg.poll {
+            // The polling worker owns queue pair 0; it sends at its next round.
+            *self.pending_rarp.lock().unwrap() = Some(mac);
+        } else if let Some(qp) = self.qps.first() {
+            // Event mode: the worker holds the lock only during a burst.
+            qp.lock().unwrap().announce(&mac);
+        }
+    }
+}
+
 /// Run the daemon on a private connection and relay the front end's
 /// connection `front` to it.
 fn start_relayed(
     daemon: &mut VhostUserDaemon<VhostUserNet>,
     front: UnixStream,
+    hooks: Arc<dyn relay::Hooks>,
 ) -> io::Result<relay::Relay> {
     let (mut private, back) = relay::private_endpoint()?;
     daemon
@@ -363,7 +488,7 @@ fn start_relayed(
         let _ = daemon.wait();
         return Err(e);
     }
-    relay::Relay::start(front, back)
+    relay::Relay::start(front, back, hooks)
 }
 
 fn serve_loop(
@@ -431,7 +556,7 @@ fn serve_loop(
             }
         }
 
-        let relay = match start_relayed(&mut daemon, front) {
+        let relay = match start_relayed(&mut daemon, front, net.inner.clone()) {
             Ok(r) => r,
             Err(e) => {
                 warn!("starting vhost-user connection: {e}");
@@ -454,6 +579,9 @@ fn serve_loop(
         // Dropping the daemon stops and joins its worker threads.
         drop(daemon);
         net.log_stats();
+        // Nothing of the old guest stays mapped (its QEMU may be gone for
+        // good, e.g. after migrating away).
+        net.reset_connection_state();
         if shutdown::requested() {
             return Ok(());
         }

@@ -13,6 +13,11 @@
 //! disable changes nothing. An early enable is kept and replayed right after
 //! SET_FEATURES, where the daemon handles it for real.
 //!
+//! The relay also shows the frontend what rust-vmm keeps to itself but
+//! migration needs ([`Hooks`]): the dirty-log fd of SET_LOG_BASE, the
+//! used-ring log address of SET_VRING_ADDR, and SEND_RARP, which the vhost
+//! crate does not implement and which is answered here.
+//!
 //! Everything else is forwarded unchanged, with its SCM_RIGHTS fds, in both
 //! directions. The daemon runs unmodified on the other end of a private
 //! socket pair made through a short-lived abstract-namespace listener (it
@@ -39,6 +44,11 @@ pub const MAX_PAYLOAD: usize = MAX_MSG_SIZE;
 pub const MAX_FDS: usize = MAX_ATTACHED_FD_ENTRIES;
 
 pub const REQ_SET_FEATURES: u32 = 2;
+pub const REQ_SET_LOG_BASE: u32 = 6;
+pub const REQ_SET_VRING_ADDR: u32 = 9;
+pub const REQ_SEND_RARP: u32 = 19;
+/// SET_VRING_ADDR flags: log used-ring writes at log_guest_addr.
+pub const VHOST_VRING_F_LOG: u32 = 1;
 pub const REQ_SET_PROTOCOL_FEATURES: u32 = 16;
 pub const REQ_SET_VRING_ENABLE: u32 = 18;
 
@@ -85,8 +95,66 @@ pub fn ack_reply(req: &Header) -> [u8; HDR_LEN + 8] {
     r
 }
 
+/// A reply with no payload to `req`.
+pub fn empty_reply(req: &Header) -> Vec<u8> {
+    let mut r = vec![0u8; HDR_LEN];
+    r[0..4].copy_from_slice(&req.request.to_ne_bytes());
+    r[4..8].copy_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_ne_bytes());
+    r
+}
+
 fn payload_u64(payload: &[u8]) -> Option<u64> {
     Some(u64::from_ne_bytes(payload.get(0..8)?.try_into().ok()?))
+}
+
+/// What the frontend learns from control messages the daemon handles
+/// without telling the backend.
+pub trait Hooks: Send + Sync {
+    /// SET_LOG_BASE: the dirty log is `size` bytes of `fd` from `offset`.
+    /// Called before the relay replies, so the log is mapped by then; false
+    /// ends the connection (acking a log we cannot write would let the
+    /// migration corrupt the guest).
+    fn set_log_base(&self, fd: &OwnedFd, size: u64, offset: u64) -> bool;
+    /// SET_VRING_ADDR: where used-ring writes of `index` must be logged
+    /// (None without VHOST_VRING_F_LOG).
+    fn set_vring_log(&self, index: u32, log_addr: Option<u64>);
+    /// SEND_RARP: announce `mac` out of the backend.
+    fn send_rarp(&self, mac: [u8; 6]);
+}
+
+/// A parsed control message the hooks care about.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Observed {
+    LogBase { size: u64, offset: u64 },
+    VringLog { index: u32, log_addr: Option<u64> },
+    Rarp([u8; 6]),
+}
+
+/// Recognise the messages [`Hooks`] reports; None for the rest or for a
+/// payload too short to be what it claims (the daemon rejects those).
+pub fn observe(hdr: &Header, payload: &[u8]) -> Option<Observed> {
+    let u64_at = |o: usize| Some(u64::from_ne_bytes(payload.get(o..o + 8)?.try_into().ok()?));
+    let u32_at = |o: usize| Some(u32::from_ne_bytes(payload.get(o..o + 4)?.try_into().ok()?));
+    match hdr.request {
+        REQ_SET_LOG_BASE => Some(Observed::LogBase {
+            size: u64_at(0)?,
+            offset: u64_at(8)?,
+        }),
+        // index, flags, desc, used, avail, log (struct vhost_vring_addr).
+        REQ_SET_VRING_ADDR => {
+            let (index, flags, log) = (u32_at(0)?, u32_at(4)?, u64_at(32)?);
+            Some(Observed::VringLog {
+                index,
+                log_addr: (flags & VHOST_VRING_F_LOG != 0).then_some(log),
+            })
+        }
+        REQ_SEND_RARP => {
+            let mut mac = [0u8; 6];
+            mac.copy_from_slice(payload.get(0..6)?);
+            Some(Observed::Rarp(mac))
+        }
+        _ => None,
+    }
 }
 
 /// What to do with one front-end message.
@@ -95,7 +163,7 @@ pub enum Decision {
     /// Send it to the daemon, then these messages (replayed early enables).
     Forward { then: Vec<Vec<u8>> },
     /// Keep it from the daemon; answer the front end with `reply` if any.
-    Absorb { reply: Option<[u8; HDR_LEN + 8]> },
+    Absorb { reply: Option<Vec<u8>> },
 }
 
 /// Per-connection state of the front end -> daemon direction.
@@ -131,6 +199,20 @@ impl FrontState {
                 };
                 Decision::Forward { then }
             }
+            // The log is ours (the hook mapped it). rust-vmm's handler would
+            // fail this for a backend without vm-memory bitmaps and drop the
+            // connection. The reply carries no payload (what QEMU reads,
+            // and what DPDK sends).
+            REQ_SET_LOG_BASE => Decision::Absorb {
+                reply: Some(empty_reply(hdr)),
+            },
+            // vhost 0.18 has no SEND_RARP handler (it would end the
+            // connection): the hook sends the RARP and we answer.
+            REQ_SEND_RARP => {
+                let reply = (self.reply_ack && hdr.flags & FLAG_NEED_REPLY != 0)
+                    .then(|| ack_reply(hdr).to_vec());
+                Decision::Absorb { reply }
+            }
             REQ_SET_VRING_ENABLE if !self.features_set && payload.len() >= 8 => {
                 let index = u32::from_ne_bytes(payload[0..4].try_into().unwrap());
                 let num = u32::from_ne_bytes(payload[4..8].try_into().unwrap());
@@ -150,8 +232,8 @@ impl FrontState {
                         " (rings start disabled)"
                     }
                 );
-                let reply =
-                    (self.reply_ack && hdr.flags & FLAG_NEED_REPLY != 0).then(|| ack_reply(hdr));
+                let reply = (self.reply_ack && hdr.flags & FLAG_NEED_REPLY != 0)
+                    .then(|| ack_reply(hdr).to_vec());
                 Decision::Absorb { reply }
             }
             _ => Decision::Forward { then: Vec::new() },
@@ -327,7 +409,7 @@ fn close_both(a: &UnixStream, b: &UnixStream) {
 impl Relay {
     /// Relay between `front` (the front end's connection) and `back` (our
     /// end of the daemon's connection).
-    pub fn start(front: UnixStream, back: UnixStream) -> io::Result<Relay> {
+    pub fn start(front: UnixStream, back: UnixStream, hooks: Arc<dyn Hooks>) -> io::Result<Relay> {
         let front = Arc::new(front);
         let back = Arc::new(back);
         // Both threads write to the front end (replies, our own acks).
@@ -337,7 +419,7 @@ impl Relay {
         let to_back = std::thread::Builder::new()
             .name("vu-relay-req".into())
             .spawn(move || {
-                if let Err(e) = front_to_back(&f, &b, &lock) {
+                if let Err(e) = front_to_back(&f, &b, &lock, &*hooks) {
                     warn!("vhost-user relay: front end -> back end: {e}; closing the connection");
                 }
                 close_both(&f, &b);
@@ -381,10 +463,29 @@ impl Drop for Relay {
     }
 }
 
-fn front_to_back(front: &UnixStream, back: &UnixStream, front_tx: &Mutex<()>) -> io::Result<()> {
+fn front_to_back(
+    front: &UnixStream,
+    back: &UnixStream,
+    front_tx: &Mutex<()>,
+    hooks: &dyn Hooks,
+) -> io::Result<()> {
     let mut state = FrontState::default();
     while let Some(m) = recv_msg(front)? {
         trace!("relay: front end -> {:?} fds={}", m.hdr, m.fds.len());
+        match observe(&m.hdr, &m.bytes[HDR_LEN.min(m.bytes.len())..]) {
+            Some(Observed::LogBase { size, offset }) => {
+                let ok = match m.fds.first() {
+                    Some(fd) => hooks.set_log_base(fd, size, offset),
+                    None => false,
+                };
+                if !ok {
+                    return Err(bad("SET_LOG_BASE: no usable dirty log".into()));
+                }
+            }
+            Some(Observed::VringLog { index, log_addr }) => hooks.set_vring_log(index, log_addr),
+            Some(Observed::Rarp(mac)) => hooks.send_rarp(mac),
+            None => {}
+        }
         match state.decide(&m.hdr, &m.bytes) {
             Decision::Forward { then } => {
                 send_msg(back, &m.bytes, &m.fds)?;
@@ -488,6 +589,91 @@ mod tests {
     }
 
     #[test]
+    fn observes_migration_messages() {
+        let h = |request, size| Header {
+            request,
+            flags: 1,
+            size,
+        };
+        let mut lb = Vec::new();
+        lb.extend_from_slice(&4096u64.to_ne_bytes());
+        lb.extend_from_slice(&8u64.to_ne_bytes());
+        assert_eq!(
+            observe(&h(REQ_SET_LOG_BASE, 16), &lb),
+            Some(Observed::LogBase {
+                size: 4096,
+                offset: 8
+            })
+        );
+        assert_eq!(observe(&h(REQ_SET_LOG_BASE, 8), &lb[..8]), None, "short");
+        let addr = |flags: u32| {
+            let mut a = Vec::new();
+            a.extend_from_slice(&3u32.to_ne_bytes());
+            a.extend_from_slice(&flags.to_ne_bytes());
+            for v in [0x1000u64, 0x2000, 0x3000, 0x2000] {
+                a.extend_from_slice(&v.to_ne_bytes());
+            }
+            a
+        };
+        assert_eq!(
+            observe(&h(REQ_SET_VRING_ADDR, 40), &addr(VHOST_VRING_F_LOG)),
+            Some(Observed::VringLog {
+                index: 3,
+                log_addr: Some(0x2000)
+            })
+        );
+        assert_eq!(
+            observe(&h(REQ_SET_VRING_ADDR, 40), &addr(0)),
+            Some(Observed::VringLog {
+                index: 3,
+                log_addr: None
+            })
+        );
+        assert_eq!(observe(&h(REQ_SET_VRING_ADDR, 20), &addr(1)[..20]), None);
+        let rarp = [0x52u8, 0x54, 0, 1, 2, 3, 0, 0];
+        assert_eq!(
+            observe(&h(REQ_SEND_RARP, 8), &rarp),
+            Some(Observed::Rarp([0x52, 0x54, 0, 1, 2, 3]))
+        );
+        assert_eq!(observe(&h(REQ_SEND_RARP, 4), &rarp[..4]), None);
+        assert_eq!(observe(&h(REQ_SET_FEATURES, 8), &rarp), None);
+    }
+
+    #[test]
+    fn set_log_base_is_answered_here() {
+        let mut st = FrontState::default();
+        let (hdr, m) = msg(REQ_SET_LOG_BASE, FLAG_VERSION, &[0; 16]);
+        let Decision::Absorb { reply: Some(r) } = st.decide(&hdr, &m) else {
+            panic!("SET_LOG_BASE must be answered by the relay");
+        };
+        assert_eq!(r.len(), HDR_LEN);
+        let h = parse_header(r[..HDR_LEN].try_into().unwrap()).unwrap();
+        assert_eq!(
+            (h.request, h.flags, h.size),
+            (REQ_SET_LOG_BASE, FLAG_VERSION | FLAG_REPLY, 0)
+        );
+    }
+
+    #[test]
+    fn send_rarp_is_absorbed_and_acked_when_asked() {
+        let mut st = FrontState::default();
+        protocol_reply_ack(&mut st);
+        let (hdr, m) = msg(
+            REQ_SEND_RARP,
+            FLAG_VERSION | FLAG_NEED_REPLY,
+            &[1, 2, 3, 4, 5, 6, 0, 0],
+        );
+        assert_eq!(
+            st.decide(&hdr, &m),
+            Decision::Absorb {
+                reply: Some(ack_reply(&hdr).to_vec())
+            }
+        );
+        let (hdr, m) = msg(REQ_SEND_RARP, FLAG_VERSION, &[1, 2, 3, 4, 5, 6, 0, 0]);
+        assert_eq!(st.decide(&hdr, &m), Decision::Absorb { reply: None });
+    }
+
+    #[test]
     fn header_parses_and_bounds_size() {
         let (h, _) = msg(REQ_SET_VRING_ENABLE, 0x9, &vring_state(2, 0));
         assert_eq!(
@@ -536,7 +722,7 @@ mod tests {
         assert_eq!(
             st.decide(&h, &b),
             Decision::Absorb {
-                reply: Some(ack_reply(&h))
+                reply: Some(ack_reply(&h).to_vec())
             }
         );
         // Nothing to replay for a disable.
