@@ -145,19 +145,21 @@ impl Testpmd {
         // Into a pipe testpmd's printf output is block-buffered while its
         // prompt is written directly: line-buffer stdio so that a command's
         // output arrives before the next prompt.
+        // One pipe for stdout and stderr: with two, the reader threads could
+        // splice a stderr line into the middle of the prompt, which testpmd
+        // writes a character at a time ("t" + error line + "estpmd> ").
+        let (reader, writer) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
+        let writer2 = writer.try_clone().map_err(|e| format!("pipe: {e}"))?;
         let mut child = Command::new("stdbuf")
             .args(["-oL", "-eL", TESTPMD])
             .args(&args)
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(writer)
+            .stderr(writer2)
             .spawn()
             .map_err(|e| format!("cannot start stdbuf {TESTPMD}: {e}"))?;
         let (tx, rx) = channel();
-        let pipes: Vec<Box<dyn Read + Send>> = vec![
-            Box::new(child.stdout.take().expect("stdout piped")),
-            Box::new(child.stderr.take().expect("stderr piped")),
-        ];
+        let pipes: Vec<Box<dyn Read + Send>> = vec![Box::new(reader)];
         for mut pipe in pipes {
             let tx = tx.clone();
             std::thread::spawn(move || {
