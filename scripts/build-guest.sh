@@ -6,7 +6,8 @@
 #   kernel.version       the kernel release (uname -r) inside the guest
 #
 # The initramfs also carries the guest-side test tools from tests/guest-tools/
-# (built here with `gcc -static -O2`): /bin/udpcheck.
+# (built here with `gcc -static -O2`): /bin/udpcheck, /bin/vdpa_probe,
+# /bin/udpburst.
 #
 # Nothing is installed on the host: the kernel package is fetched with
 # `apt-get download` and unpacked with `dpkg-deb -x` under target/guest/.
@@ -42,6 +43,7 @@ MODULES=(
     virtio_pci virtio_net net_failover failover
     vdpa vduse virtio_vdpa vhost_vdpa vhost vhost_iotlb
     igb igbvf 8021q
+    veth 9p 9pnet_virtio
 )
 BOOT_MODULES="virtio_pci,virtio_net"
 
@@ -59,7 +61,8 @@ file_is_static "$BUSYBOX" || die "$BUSYBOX is not static (install busybox-static
 mkdir -p "$OUT/cache"
 
 # Guest tools: C sources compiled statically (the initramfs has no libc).
-TOOLS_SRC=("$ROOT/tests/guest-tools/udpcheck.c")
+TOOLS_SRC=("$ROOT/tests/guest-tools/udpcheck.c"
+    "$ROOT/tests/guest-tools/vdpa_probe.c" "$ROOT/tests/guest-tools/udpburst.c")
 for src in "${TOOLS_SRC[@]}"; do [ -f "$src" ] || die "$src missing"; done
 # Inputs that decide whether the guest must be rebuilt.
 stamp_of() { { echo "$1"; sha256sum "$SELF" "$BUSYBOX" "${TOOLS_SRC[@]}"; } | sha256sum | cut -d' ' -f1; }

@@ -1,0 +1,247 @@
+//! Tier 4: the VDUSE frontend inside the QEMU (TCG) test guest, whose
+//! Debian 6.12 kernel has vdpa, vduse, virtio_vdpa and vhost_vdpa.
+//!
+//! The vfrelay binary under test (and the shared libraries it links) reach
+//! the guest over a read-only 9p share. One guest runs all three parts:
+//!
+//! 1. `--attach virtio-vdpa` with the af-xdp backend on a guest veth: the
+//!    virtio-net netdev moves into a network namespace (the "container"),
+//!    pings the veth peer in another namespace both ways (56 and 1472-byte
+//!    payloads), and 10,000 UDP datagrams cross each way, none lost.
+//! 2. SIGTERM: the netdev and /dev/vduse/NAME are gone, and
+//! 3. a second vfrelay with the same name starts at once, `--attach
+//!    vhost-vdpa`: /dev/vhost-vdpa-N appears and vdpa_probe (a static C
+//!    tool in the guest image) reads device id, features and the MAC
+//!    through the vhost-vdpa ioctls.
+//!
+//!     cargo nextest run --test vduse --run-ignored only
+
+mod common;
+
+use common::guest::{Guest, GuestConfig};
+use common::{secs, TempDir};
+use std::path::Path;
+
+const NAME: &str = "vfxvd0";
+const MAC1: &str = "52:54:00:a1:b2:01";
+const MAC2: &str = "52:54:00:a1:b2:02";
+const CTR_IP: &str = "10.66.0.2";
+const PEER_IP: &str = "10.66.0.1";
+const FRAMES: u32 = 10_000;
+
+/// Copies the vfrelay binary and the shared libraries `ldd` names into
+/// `dir/root/...` (same paths as on the host, whose glibc the guest lacks).
+fn stage_binary(dir: &Path) {
+    let bin = common::vfrelay::bin();
+    let root = dir.join("root");
+    let put = |src: &Path, dst_rel: &str| {
+        let dst = root.join(dst_rel.trim_start_matches('/'));
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        std::fs::copy(src, &dst).unwrap_or_else(|e| panic!("copy {}: {e}", src.display()));
+    };
+    put(Path::new(bin), "/bin/vfrelay");
+    let ldd = common::run_ok("ldd", &[bin]);
+    for line in ldd.lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
+        // "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            let real = std::fs::canonicalize(p).unwrap();
+            put(&real, p);
+        }
+    }
+}
+
+fn require_root() {
+    assert!(common::is_root(), "the VDUSE test needs root (QEMU, 9p)");
+}
+
+/// Waits (in the guest) until `cond` (a shell test) holds; panics with the
+/// vfrelay log if it does not within `secs`.
+fn wait_guest(guest: &mut Guest, cond: &str, what: &str, timeout: u64) {
+    let (st, out) = guest.run_timeout(
+        &format!(
+            "i=0; while ! {cond}; do i=$((i+1)); [ $i -gt {} ] && exit_code=1 && break; sleep 0.2; done; [ -z \"$exit_code\" ]; r=$?; unset exit_code; [ $r = 0 ]",
+            timeout * 5
+        ),
+        secs(timeout + 30),
+    );
+    if st != 0 {
+        let log = guest.run("cat /tmp/vf.log").1;
+        panic!("{what}: not within {timeout}s\n{out}\n--- vfrelay log ---\n{log}");
+    }
+}
+
+fn udp_across(guest: &mut Guest, from_ns: &str, to_ns: &str, to_ip: &str, label: &str) {
+    guest.ok(&format!(
+        "nsenter -t ${to_ns} -n udpburst recv 5000 {FRAMES} 10 > /tmp/udp.out 2>&1 & echo $! > /tmp/udp.pid"
+    ));
+    wait_guest(guest, "grep -q listening /tmp/udp.out", "UDP receiver", 10);
+    let out = guest.run_timeout(
+        &format!("nsenter -t ${from_ns} -n udpburst send {to_ip} 5000 {FRAMES} 512"),
+        secs(300),
+    );
+    assert_eq!(out.0, 0, "{label}: sender failed:\n{}", out.1);
+    assert!(
+        out.1.contains(&format!("sent {FRAMES}")),
+        "{label}: {}",
+        out.1
+    );
+    guest.run_timeout("wait $(cat /tmp/udp.pid)", secs(60));
+    let got = guest.ok("cat /tmp/udp.out");
+    assert!(
+        got.contains(&format!("unique {FRAMES}")),
+        "{label}: frames lost: {got}\n--- vfrelay log ---\n{}",
+        guest.run("cat /tmp/vf.log").1
+    );
+    eprintln!("{label}: {}", got.trim());
+}
+
+fn ping(guest: &mut Guest, ns: &str, ip: &str, size: u32, label: &str) {
+    let (st, out) = guest.run(&format!(
+        "nsenter -t ${ns} -n ping -c 3 -i 0.3 -W 3 -s {size} {ip}"
+    ));
+    assert!(
+        st == 0 && out.contains("3 packets received"),
+        "{label}, {size} bytes:\n{out}\n--- vfrelay log ---\n{}",
+        guest.run("cat /tmp/vf.log").1
+    );
+}
+
+#[test]
+#[ignore = "needs root and QEMU"]
+fn vduse_virtio_vdpa_vhost_vdpa_and_teardown() {
+    require_root();
+    let share = TempDir::new();
+    stage_binary(share.path());
+    let mut cfg = GuestConfig {
+        append: "vfx.modules=vdpa,vduse,virtio_vdpa,vhost_vdpa,veth,9p,9pnet_virtio".into(),
+        ..Default::default()
+    };
+    cfg.mem_mb = 768;
+    cfg.qemu_args = vec![
+        "-virtfs".into(),
+        format!(
+            "local,path={},mount_tag=vfx,security_model=none,readonly=on",
+            share.path().display()
+        ),
+    ];
+    let mut g = Guest::boot(&cfg);
+    g.ok("mkdir -p /mnt/vfx && mount -t 9p -o trans=virtio,version=9p2000.L vfx /mnt/vfx && cp -a /mnt/vfx/root/. / && umount /mnt/vfx");
+    g.ok(
+        "ls /dev/vduse/control /sys/bus/vdpa/drivers/virtio_vdpa /sys/bus/vdpa/drivers/vhost_vdpa",
+    );
+
+    // Namespaces: "ctr" gets the VDUSE netdev, "peer" the far end of a veth
+    // whose near end (vxa) is vfrelay's af-xdp backend.
+    g.ok("unshare -n sleep 100000 & echo $! > /tmp/ctr.pid; unshare -n sleep 100000 & echo $! > /tmp/peer.pid; sleep 0.3; ctr=$(cat /tmp/ctr.pid); peer=$(cat /tmp/peer.pid)");
+    // busybox `ip` ignores "peer name": rename the kernel-named peer.
+    g.ok("ip link add vxa type veth && p=$(ls /sys/class/net | grep '^veth' | head -n1) && ip link set $p name vxb");
+    g.ok(&format!(
+        "echo 1 > /proc/sys/net/ipv6/conf/vxa/disable_ipv6; ip link set vxa up; ip link set vxb netns $peer && nsenter -t $peer -n sh -c 'ip link set lo up; ip addr add {PEER_IP}/24 dev vxb; ip link set vxb up'"
+    ));
+
+    // --- 1. virtio-vdpa ---
+    g.ok(&format!(
+        "RUST_LOG=debug vfrelay vduse --name {NAME} --attach virtio-vdpa --mac {MAC1} --backend af-xdp,ifname=vxa > /tmp/vf.log 2>&1 & echo $! > /tmp/vf.pid"
+    ));
+    wait_guest(
+        &mut g,
+        &format!("ls /sys/bus/vdpa/devices/{NAME}/virtio*/net/ >/dev/null 2>&1"),
+        "virtio-net netdev from virtio_vdpa",
+        60,
+    );
+    let ifname = g
+        .ok(&format!("ls /sys/bus/vdpa/devices/{NAME}/virtio*/net/"))
+        .trim()
+        .to_string();
+    assert!(
+        !ifname.is_empty() && !ifname.contains(' '),
+        "netdev: {ifname:?}"
+    );
+    let mac = g.ok(&format!("cat /sys/class/net/{ifname}/address"));
+    assert!(mac.contains(MAC1), "netdev MAC {mac}, want {MAC1}");
+    g.ok(&format!(
+        "ip link set {ifname} netns $ctr && nsenter -t $ctr -n sh -c 'ip link set lo up; ip addr add {CTR_IP}/24 dev {ifname}; ip link set {ifname} up'"
+    ));
+    // First contact waits for link and ARP.
+    let (st, out) = g.retry(
+        &format!("nsenter -t $ctr -n ping -c 1 -W 2 {PEER_IP}"),
+        secs(60),
+    );
+    assert_eq!(
+        st,
+        0,
+        "container cannot reach the peer:\n{out}\n--- vfrelay log ---\n{}",
+        g.run("cat /tmp/vf.log").1
+    );
+    for size in [56, 1472] {
+        ping(&mut g, "ctr", PEER_IP, size, "container -> peer");
+        ping(&mut g, "peer", CTR_IP, size, "peer -> container");
+    }
+    udp_across(&mut g, "peer", "ctr", CTR_IP, "peer -> container UDP");
+    udp_across(&mut g, "ctr", "peer", PEER_IP, "container -> peer UDP");
+
+    // --- 2. SIGTERM tears everything down ---
+    g.ok("kill -TERM $(cat /tmp/vf.pid)");
+    g.run_timeout("wait $(cat /tmp/vf.pid)", secs(60));
+    let log = g.ok("cat /tmp/vf.log");
+    eprintln!("--- vfrelay log (virtio-vdpa) ---\n{log}");
+    assert!(log.contains("destroyed VDUSE device"), "{log}");
+    let links = g.ok("nsenter -t $ctr -n ip -o link");
+    assert!(
+        !links.contains(&ifname),
+        "netdev {ifname} still there:\n{links}"
+    );
+    g.ok(&format!(
+        "! ls /dev/vduse/{NAME} 2>/dev/null && ! ls /sys/bus/vdpa/devices/{NAME} 2>/dev/null"
+    ));
+
+    // --- 3. the same name at once, vhost-vdpa ---
+    g.ok(&format!(
+        "RUST_LOG=debug vfrelay vduse --name {NAME} --attach vhost-vdpa --mac {MAC2} --backend loopback > /tmp/vf.log 2>&1 & echo $! > /tmp/vf.pid"
+    ));
+    wait_guest(
+        &mut g,
+        &format!("ls -d /sys/bus/vdpa/devices/{NAME}/vhost-vdpa-* >/dev/null 2>&1"),
+        "vhost-vdpa device",
+        60,
+    );
+    let vdev = g
+        .ok(&format!(
+            "basename $(ls -d /sys/bus/vdpa/devices/{NAME}/vhost-vdpa-*)"
+        ))
+        .trim()
+        .to_string();
+    wait_guest(&mut g, &format!("[ -c /dev/{vdev} ]"), "/dev node", 20);
+    let probe = g.ok(&format!("vdpa_probe /dev/{vdev}"));
+    eprintln!("vdpa_probe:\n{probe}");
+    assert!(probe.contains("device_id 1\n"), "not virtio-net: {probe}");
+    assert!(probe.contains(&format!("mac {MAC2}")), "MAC: {probe}");
+    let feats = probe
+        .lines()
+        .find_map(|l| l.strip_prefix("features 0x"))
+        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("no features: {probe}"));
+    for (bit, what) in [
+        (32, "VERSION_1"),
+        (33, "ACCESS_PLATFORM"),
+        (5, "MAC"),
+        (3, "MTU"),
+    ] {
+        assert!(feats & (1 << bit) != 0, "{what} missing in {feats:#x}");
+    }
+    assert!(feats & (1 << 17) == 0, "CTRL_VQ offered: {feats:#x}");
+    assert!(probe.contains("vring_base0 0"), "GET_VQ_STATE: {probe}");
+    g.ok("kill -TERM $(cat /tmp/vf.pid)");
+    g.run_timeout("wait $(cat /tmp/vf.pid)", secs(60));
+    let log = g.ok("cat /tmp/vf.log");
+    eprintln!("--- vfrelay log (vhost-vdpa) ---\n{log}");
+    assert!(log.contains("destroyed VDUSE device"), "{log}");
+    g.ok(&format!(
+        "! ls /dev/vduse/{NAME} 2>/dev/null && ! ls /dev/{vdev} 2>/dev/null"
+    ));
+}
