@@ -480,3 +480,30 @@ fn rolled_back_mergeable_writes_are_still_logged() {
     assert!(g.used(false).is_empty(), "frame needs more buffers");
     assert!(logged_pages(&log).contains(&((b0 - BASE) >> 12)));
 }
+
+#[test]
+fn a_buffer_across_two_regions_is_logged_in_both() {
+    // Guest memory in two regions: the test memory, and a second mapping
+    // right after it (as QEMU sends for RAM split around a hole).
+    let mut g = Guest::new();
+    let log = with_log(&mut g);
+    let mut extra = vec![0u8; 0x4000];
+    let second = BASE + 0x100000;
+    let mut view = g.mem.view();
+    assert!(view.add(second, extra.len() as u64, extra.as_mut_ptr()));
+    g.view = Arc::new(view);
+    let mut q = qp();
+    // One RX buffer whose first 100 bytes are the last of region 1.
+    g.data_next = second - 100;
+    g.post_rx(2048);
+    g.data_next = BASE + 0x60000; // TX data back in region 1
+    g.send(&frame(1000, 7));
+    q.run_event(&*g);
+    assert_eq!(g.used(false), vec![(0, 1012)]);
+    let pages = logged_pages(&log);
+    let page = |a: u64| (a - BASE) >> 12;
+    assert!(pages.contains(&page(second - 100)), "{pages:?}");
+    assert!(pages.contains(&page(second)), "{pages:?}");
+    // The bytes really landed in the second region.
+    assert_eq!(&extra[..912], &swapped(&frame(1000, 7))[88..]);
+}

@@ -250,11 +250,7 @@ impl RingPairAccess for VuPair<'_> {
         )
     }
     fn dirty_log(&self) -> Option<Arc<DirtyLog>> {
-        let i = self.inner;
-        if !i.logging.load(Ordering::Relaxed) || i.log_disabled_for_test {
-            return None;
-        }
-        i.log.read().unwrap().clone()
+        self.inner.active_log()
     }
     fn take_announce(&self) -> Option<[u8; 6]> {
         if self.qp != 0 {
@@ -434,6 +430,16 @@ pub fn run(net: VhostUserNet, socket: &Path, client: bool) -> Result<(), Error> 
     result
 }
 
+impl Inner {
+    /// The log to mark, only while the front end has LOG_ALL on.
+    fn active_log(&self) -> Option<Arc<DirtyLog>> {
+        if !self.logging.load(Ordering::Relaxed) || self.log_disabled_for_test {
+            return None;
+        }
+        self.log.read().unwrap().clone()
+    }
+}
+
 impl relay::Hooks for Inner {
     fn set_log_base(&self, fd: &OwnedFd, size: u64, offset: u64) -> bool {
         match DirtyLog::map(fd.as_fd(), offset, size) {
@@ -590,5 +596,69 @@ fn serve_loop(
         } else {
             info!("reconnecting to {path_str}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::dirty_log::tests::memfd;
+    use relay::Hooks;
+
+    fn net() -> VhostUserNet {
+        let cfg = NetConfig {
+            mac: [0x52, 0x54, 0, 0, 0, 1],
+            mtu: 1500,
+            queue_pairs: 2,
+            queue_size: 256,
+            poll: false,
+        };
+        let backends: Vec<Box<dyn vfrelay_backends::Backend>> = (0..2)
+            .map(|q| Box::new(vfrelay_backends::loopback::Loopback::new(q)) as _)
+            .collect();
+        VhostUserNet::new(cfg, 0, backends)
+    }
+
+    #[test]
+    fn logging_follows_log_all_on_every_set_features() {
+        let n = net();
+        assert!(n.device_features() & VHOST_F_LOG_ALL != 0);
+        let fd = memfd(4096);
+        assert!(n.inner.set_log_base(&fd, 4096, 0));
+        assert!(n.inner.active_log().is_none(), "no LOG_ALL yet");
+        n.acked_features(VIRTIO_F_VERSION_1 | VHOST_F_LOG_ALL);
+        assert!(n.inner.active_log().is_some());
+        // Migration cancelled: QEMU acks the features again without LOG_ALL.
+        n.acked_features(VIRTIO_F_VERSION_1);
+        assert!(n.inner.active_log().is_none());
+        // A new connection forgets the log entirely.
+        n.acked_features(VIRTIO_F_VERSION_1 | VHOST_F_LOG_ALL);
+        n.reset_connection_state();
+        n.acked_features(VIRTIO_F_VERSION_1 | VHOST_F_LOG_ALL);
+        assert!(
+            n.inner.active_log().is_none(),
+            "log base must be sent again"
+        );
+    }
+
+    #[test]
+    fn vring_log_addresses_are_per_vring_and_reset() {
+        let n = net();
+        n.inner.set_vring_log(3, Some(0x5000));
+        n.inner.set_vring_log(1, None);
+        n.inner.set_vring_log(99, Some(1)); // out of range: ignored
+        let get = |i: usize| n.inner.vring_log[i].load(Ordering::SeqCst);
+        assert_eq!(get(3), 0x5000);
+        assert_eq!(get(1), NO_LOG_ADDR);
+        n.reset_connection_state();
+        assert_eq!(get(3), NO_LOG_ADDR);
+    }
+
+    #[test]
+    fn an_unmappable_log_is_refused() {
+        let n = net();
+        let fd = memfd(4096);
+        assert!(!n.inner.set_log_base(&fd, 0, 0));
+        assert!(n.inner.log.read().unwrap().is_none());
     }
 }
