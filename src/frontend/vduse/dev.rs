@@ -164,6 +164,15 @@ impl Device {
         }
     }
 
+    /// A device on any file, for tests of request handling.
+    #[cfg(test)]
+    pub fn from_file(file: File) -> Device {
+        Device {
+            file,
+            path: PathBuf::from("/dev/null"),
+        }
+    }
+
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
     }

@@ -390,12 +390,12 @@ impl Shared {
         self.refresh_view(st);
         st.started = true;
         info!(
-            "{}: driver ready, features {features:#x}, {} IOVA at 0",
+            "{}: driver ready, features {features:#x}, IOVA 0 {}",
             self.name,
             if st.probe_low {
-                "nothing yet"
+                "not mapped yet"
             } else {
-                "memory"
+                "mapped"
             }
         );
         Ok(())
@@ -717,4 +717,109 @@ fn serve(
     // Last reference: closes /dev/vduse/NAME so it can be destroyed.
     drop(sh);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vfrelay_backends::BackendSpec;
+
+    fn shared(poll: bool) -> Shared {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .unwrap();
+        let backend = BackendSpec::Loopback.open(1).unwrap().pop().unwrap();
+        let efd = || EventFd::new(EFD_NONBLOCK).unwrap();
+        Shared {
+            name: "test".into(),
+            dev: Device::from_file(file),
+            poll,
+            qsize: 256,
+            state: Mutex::new(State {
+                started: false,
+                status: 0,
+                features: 0,
+                vqs: Default::default(),
+                mem: Arc::new(MemView::empty()),
+                probe_low: true,
+            }),
+            qp: Mutex::new(QueuePair::new(0, backend)),
+            kicks: [efd(), efd()],
+            wake: efd(),
+            stop: AtomicBool::new(false),
+            stop_requests: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
+            acked: AtomicU64::new(0),
+        }
+    }
+
+    #[test]
+    fn get_vq_state_reports_next_avail() {
+        for poll in [false, true] {
+            let sh = shared(poll);
+            {
+                let mut st = sh.state.lock().unwrap();
+                st.vqs[0].next_avail = 17;
+                st.vqs[1].next_avail = 0xfffe;
+            }
+            let r = sh.handle(Request::GetVqState { index: 0 });
+            assert_eq!(r, (true, Some((0, 17))));
+            let r = sh.handle(Request::GetVqState { index: 1 });
+            assert_eq!(r, (true, Some((1, 0xfffe))));
+            // A queue the device does not have: FAILED, no panic.
+            for index in [2, u32::MAX] {
+                assert_eq!(sh.handle(Request::GetVqState { index }), (false, None));
+            }
+        }
+    }
+
+    #[test]
+    fn reset_and_iotlb_updates_before_driver_ok() {
+        let sh = shared(false);
+        let r = sh.handle(Request::UpdateIotlb {
+            start: 0,
+            last: u64::MAX,
+        });
+        assert_eq!(r, (true, None));
+        // ACKNOWLEDGE | DRIVER | FEATURES_OK: recorded, nothing started.
+        assert_eq!(sh.handle(Request::SetStatus { status: 0xb }), (true, None));
+        assert!(!sh.state.lock().unwrap().started);
+        sh.state.lock().unwrap().vqs[0].next_avail = 5;
+        assert_eq!(sh.handle(Request::SetStatus { status: 0 }), (true, None));
+        let st = sh.state.lock().unwrap();
+        assert_eq!((st.status, st.vqs[0].next_avail), (0, 0));
+    }
+
+    #[test]
+    fn driver_ok_fails_cleanly_when_the_kernel_refuses() {
+        // /dev/null answers no VDUSE ioctl: starting must fail (FAILED to
+        // the driver), not panic, and leave the device stopped.
+        let sh = shared(false);
+        assert_eq!(sh.handle(Request::SetStatus { status: 0xf }), (false, None));
+        assert!(!sh.state.lock().unwrap().started);
+    }
+
+    #[test]
+    fn offered_features() {
+        let net = VduseNet {
+            name: "x".into(),
+            attach: Attach::None,
+            cfg: NetConfig {
+                mac: [0x52, 0x54, 0, 0, 0, 1],
+                mtu: 1500,
+                queue_pairs: 1,
+                queue_size: 256,
+                poll: false,
+            },
+            offloads: 0,
+        };
+        let f = net.device_features();
+        assert!(f & uapi::VIRTIO_F_ACCESS_PLATFORM != 0);
+        assert!(f & crate::dataplane::VIRTIO_F_VERSION_1 != 0);
+        assert_eq!(f & uapi::VIRTIO_NET_F_CTRL_VQ, 0);
+        assert_eq!(f & crate::device::VIRTIO_NET_F_MQ, 0);
+        assert_eq!(net.config_space().len(), 12);
+    }
 }
