@@ -12,7 +12,7 @@ mod tx;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use log::{error, info};
+use log::{debug, error};
 use vfrelay_backends::Backend;
 
 use crate::stats::QueueStats;
@@ -370,16 +370,23 @@ impl QueuePair {
     /// Poll mode: spin on rings and backend until `stop` is set or both
     /// rings are stopped by the frontend. Guest kicks stay off.
     pub fn run_poll(&mut self, rings: &dyn RingPairAccess, stop: &AtomicBool) {
-        info!("queue pair {}: polling", self.index);
+        debug!("queue pair {}: polling", self.index);
+        let mut rounds = 0u32;
         let mut idle_rounds = 0u32;
         let mut armed = false;
         loop {
-            if idle_rounds.is_multiple_of(1024) {
+            // Housekeeping every 1024 rounds, busy or not: a stop request or
+            // a feature change must not wait for the traffic to pause.
+            if rounds.is_multiple_of(1024) {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
                 self.sync_features(rings.features());
                 if let Some(mac) = rings.take_announce() {
                     self.announce(&mac);
                 }
             }
+            rounds = rounds.wrapping_add(1);
             let mut active = false;
             let log = rings.dirty_log();
             let n = rings.round(&mut |m, rx, tx| {
@@ -393,7 +400,7 @@ impl QueuePair {
             if n == 0 {
                 idle_rounds += 1;
                 if idle_rounds.is_multiple_of(1024) {
-                    if stop.load(Ordering::Relaxed) || !active {
+                    if !active {
                         break;
                     }
                     // Re-arm in case the rings were restarted meanwhile.
@@ -404,7 +411,7 @@ impl QueuePair {
                 idle_rounds = 0;
             }
         }
-        info!("queue pair {}: polling stopped", self.index);
+        debug!("queue pair {}: polling stopped", self.index);
     }
 }
 
