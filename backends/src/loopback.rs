@@ -109,7 +109,7 @@ mod tests {
     #[test]
     fn echoes_with_macs_swapped() {
         let mut lb = Loopback::new(0);
-        let mut frame = vec![0u8; 60];
+        let mut frame = [0u8; 60];
         frame[..6].copy_from_slice(&[1, 1, 1, 1, 1, 1]);
         frame[6..12].copy_from_slice(&[2, 2, 2, 2, 2, 2]);
         frame[59] = 0xab;

@@ -7,13 +7,15 @@
 //! local experimental ethertypes and raw payloads, so the checksum caveat of
 //! veth TX offload does not apply.
 
-use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use vfrelay_backends::{af_xdp, Backend, XdpMode};
+
+mod common;
+use common::{poll_in, PacketSock};
 
 /// Frames the backend transmits (host -> namespace).
 const TYPE_FROM_HOST: u16 = 0x88b6;
@@ -136,130 +138,6 @@ impl Drop for Net {
         // Deleting the namespace deletes the peer, and with it the host end.
         quiet("ip", &["netns", "del", &self.ns]);
         quiet("ip", &["link", "del", &self.host]);
-    }
-}
-
-fn if_index(name: &str) -> i32 {
-    let c = CString::new(name).unwrap();
-    // SAFETY: valid C string.
-    unsafe { libc::if_nametoindex(c.as_ptr()) as i32 }
-}
-
-fn poll_in(fd: RawFd, ms: i32) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut p, 1, ms) > 0 }
-}
-
-struct PacketSock {
-    fd: OwnedFd,
-    ifindex: i32,
-}
-
-impl PacketSock {
-    fn bind(name: &str, ethertype: u16) -> Self {
-        let ifindex = if_index(name);
-        assert!(ifindex > 0, "{name} missing");
-        // SAFETY: socket(2) with constant arguments.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                ethertype.to_be() as i32,
-            )
-        };
-        assert!(fd >= 0, "AF_PACKET: {}", std::io::Error::last_os_error());
-        // SAFETY: fresh descriptor.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // Bursts of hundreds of frames must not overflow the default buffer.
-        let size: libc::c_int = 16 << 20;
-        // SAFETY: valid int option.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVBUFFORCE,
-                &size as *const _ as *const libc::c_void,
-                4,
-            )
-        };
-        // SAFETY: zeroed sockaddr_ll is valid.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = ethertype.to_be();
-        sll.sll_ifindex = ifindex;
-        // SAFETY: sll is a sockaddr_ll of the size passed.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &sll as *const _ as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
-        PacketSock { fd, ifindex }
-    }
-
-    fn send(&self, frame: &[u8]) {
-        // SAFETY: zeroed sockaddr_ll is valid.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_ifindex = self.ifindex;
-        sll.sll_halen = 6;
-        sll.sll_addr[..6].copy_from_slice(&frame[..6]);
-        // SAFETY: frame and sll are valid for the lengths given.
-        let n = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                &sll as *const _ as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(
-            n,
-            frame.len() as isize,
-            "sendto: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-
-    /// Incoming frames until `want` arrived, or none came for `idle`.
-    fn recv(&self, want: usize, idle: Duration) -> Vec<Vec<u8>> {
-        let mut got = Vec::new();
-        let mut buf = vec![0u8; 65536];
-        let mut last = Instant::now();
-        while got.len() < want && last.elapsed() < idle {
-            if !poll_in(self.fd.as_raw_fd(), 20) {
-                continue;
-            }
-            // SAFETY: zeroed sockaddr_ll is valid.
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut sl = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-            // SAFETY: buf and sll are valid for the lengths given.
-            let n = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    0,
-                    &mut sll as *mut _ as *mut libc::sockaddr,
-                    &mut sl,
-                )
-            };
-            if n < 14 || sll.sll_pkttype == libc::PACKET_OUTGOING {
-                continue;
-            }
-            got.push(buf[..n as usize].to_vec());
-            last = Instant::now();
-        }
-        got
     }
 }
 

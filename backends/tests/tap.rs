@@ -4,26 +4,20 @@
 //! Every interface is named `vfxb<pid><suffix>` and removed by a guard even
 //! when an assertion fails; nothing else on the host is touched.
 
-use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use vfrelay_backends::{features, tap, Backend, VNET_HDR_LEN};
 
-const ETH_P_ALL: u16 = 0x0003;
+mod common;
+use common::{if_index, poll_in, PacketSock, ETH_P_ALL};
+
 /// IEEE local experimental ethertypes: nothing else on the link uses them.
 const TYPE_TO_HOST: u16 = 0x88b5;
 const TYPE_FROM_HOST: u16 = 0x88b6;
 
 fn ifname(suffix: &str) -> String {
     format!("vfxb{}{suffix}", std::process::id())
-}
-
-fn if_index(name: &str) -> u32 {
-    let c = CString::new(name).unwrap();
-    // SAFETY: valid C string.
-    unsafe { libc::if_nametoindex(c.as_ptr()) }
 }
 
 fn exists(name: &str) -> bool {
@@ -56,121 +50,6 @@ fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     while !cond() {
         assert!(Instant::now() < end, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn poll_in(fd: RawFd, ms: i32) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut p, 1, ms) > 0 }
-}
-
-/// AF_PACKET socket bound to one interface: the host side of the tap.
-struct PacketSock {
-    fd: OwnedFd,
-    ifindex: i32,
-}
-
-impl PacketSock {
-    fn bind(name: &str) -> Self {
-        let ifindex = if_index(name) as i32;
-        assert!(ifindex > 0, "{name} missing");
-        // SAFETY: socket(2) with constant arguments.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                ETH_P_ALL.to_be() as i32,
-            )
-        };
-        assert!(
-            fd >= 0,
-            "AF_PACKET socket: {}",
-            std::io::Error::last_os_error()
-        );
-        // SAFETY: fresh descriptor.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: zeroed sockaddr_ll is valid.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_protocol = ETH_P_ALL.to_be();
-        sll.sll_ifindex = ifindex;
-        // SAFETY: sll is a sockaddr_ll of the size passed.
-        let r = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                &sll as *const _ as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
-        PacketSock { fd, ifindex }
-    }
-
-    fn send(&self, frame: &[u8]) {
-        // SAFETY: zeroed sockaddr_ll is valid.
-        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_ifindex = self.ifindex;
-        sll.sll_halen = 6;
-        sll.sll_addr[..6].copy_from_slice(&frame[..6]);
-        // SAFETY: frame and sll are valid for the lengths given.
-        let n = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-                0,
-                &sll as *const _ as *const libc::sockaddr,
-                std::mem::size_of::<libc::sockaddr_ll>() as u32,
-            )
-        };
-        assert_eq!(
-            n,
-            frame.len() as isize,
-            "sendto: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-
-    /// Next incoming (not outgoing) frame with `ethertype`, within 2 s.
-    fn recv_type(&self, ethertype: u16) -> Vec<u8> {
-        let end = Instant::now() + Duration::from_secs(2);
-        let mut buf = vec![0u8; 65536];
-        loop {
-            assert!(
-                Instant::now() < end,
-                "no frame of type {ethertype:#x} on the tap"
-            );
-            if !poll_in(self.fd.as_raw_fd(), 100) {
-                continue;
-            }
-            // SAFETY: zeroed sockaddr_ll is valid.
-            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut sl = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-            // SAFETY: buf and sll are valid for the lengths given.
-            let n = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    0,
-                    &mut sll as *mut _ as *mut libc::sockaddr,
-                    &mut sl,
-                )
-            };
-            if n < 14 || sll.sll_pkttype == libc::PACKET_OUTGOING {
-                continue;
-            }
-            let f = &buf[..n as usize];
-            if u16::from_be_bytes([f[12], f[13]]) == ethertype {
-                return f.to_vec();
-            }
-        }
     }
 }
 
@@ -229,7 +108,7 @@ fn frames_both_ways_exact() {
         0,
         "created tap is up"
     );
-    let ps = PacketSock::bind(&name);
+    let ps = PacketSock::bind(&name, ETH_P_ALL);
 
     // Guest -> host: header + frame split over three segments.
     let f = frame(TYPE_TO_HOST, 1, 200);
