@@ -250,7 +250,8 @@ mod tests {
             a.dev.backend.to_string(),
             "af-xdp,ifname=v0,queue=1,mode=copy"
         );
-        let Command::VhostUser(a) = parse(&["vhost-user", "--socket", "/tmp/s"]).unwrap().cmd else {
+        let Command::VhostUser(a) = parse(&["vhost-user", "--socket", "/tmp/s"]).unwrap().cmd
+        else {
             panic!("not vhost-user")
         };
         assert_eq!(a.dev.backend, BackendSpec::default());

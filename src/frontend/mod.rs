@@ -1,2 +1,2 @@
-pub mod vhost_user;
 pub mod vduse;
+pub mod vhost_user;
