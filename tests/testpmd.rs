@@ -27,8 +27,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 const MIN_FRAMES: u64 = 1_000_000;
-/// Plenty for 2 queue pairs x (1024 RX + 1024 TX descriptors) + in flight.
-const MBUFS: u32 = 32768;
 
 fn target_frames() -> u64 {
     std::env::var("VFRELAY_TESTPMD_FRAMES")
@@ -48,23 +46,8 @@ impl Peer {
     fn start(sock: &Path, queues: usize) -> Peer {
         let q = queues.to_string();
         if std::env::var("VFRELAY_TESTPMD_PEER").as_deref() == Ok("dpdk-vhost") {
-            // Forwarding lcore 0, so the two busy-pollers use both cores.
-            let eal = vec![
-                "--no-pci".into(),
-                "--in-memory".into(),
-                "--no-telemetry".into(),
-                "--main-lcore".into(),
-                "1".into(),
-                "-l".into(),
-                "0,1".into(),
-                format!("--vdev=net_vhost0,iface={},queues={q}", sock.display()),
-            ];
-            let app = vec![
-                format!("--rxq={q}"),
-                format!("--txq={q}"),
-                "--nb-cores=1".into(),
-                format!("--total-num-mbufs={MBUFS}"),
-            ];
+            let eal = dpdk::vhost_eal(sock, queues, &[]);
+            let app = dpdk::app_args(queues);
             let mut t =
                 Testpmd::spawn("vhost", &eal, &app, secs(60)).unwrap_or_else(|e| panic!("{e}"));
             for c in ["set fwd mac", "start"] {
@@ -159,26 +142,8 @@ fn run_case(frame_len: usize, queues: usize) {
     let sock = dir.join("vu.sock");
     let mut peer = Peer::start(&sock, queues);
 
-    let q = queues.to_string();
-    let eal = vec![
-        "--no-pci".into(),
-        "--in-memory".into(),
-        // One memory region for the whole heap: vhost-user allows few.
-        "--single-file-segments".into(),
-        "--no-telemetry".into(),
-        "-l".into(),
-        "0,1".into(),
-        format!(
-            "--vdev=net_virtio_user0,path={},queues={q},queue_size=1024",
-            sock.display()
-        ),
-    ];
-    let app = vec![
-        format!("--rxq={q}"),
-        format!("--txq={q}"),
-        "--nb-cores=1".into(),
-        format!("--total-num-mbufs={MBUFS}"),
-    ];
+    let eal = dpdk::virtio_user_eal(&sock, queues);
+    let app = dpdk::app_args(queues);
     let mut tp =
         Testpmd::spawn("virtio-user", &eal, &app, secs(60)).unwrap_or_else(|e| panic!("{e}"));
     let cmd = |tp: &mut Testpmd, c: &str| tp.cmd(c, secs(10)).unwrap_or_else(|e| panic!("{e}"));

@@ -116,6 +116,56 @@ impl PortStats {
     }
 }
 
+/// testpmd's mbuf pool: plenty for 2 queue pairs x (1024 RX + 1024 TX
+/// descriptors) + frames in flight.
+pub const MBUFS: u32 = 32768;
+
+/// EAL arguments of a `net_virtio_user` front end on vhost-user socket
+/// `sock`: forwarding lcore 1 (main lcore 0 only reads commands).
+pub fn virtio_user_eal(sock: &std::path::Path, queues: usize) -> Vec<String> {
+    vec![
+        "--no-pci".into(),
+        "--in-memory".into(),
+        // One memory region for the whole heap: vhost-user allows few.
+        "--single-file-segments".into(),
+        "--no-telemetry".into(),
+        "-l".into(),
+        "0,1".into(),
+        format!(
+            "--vdev=net_virtio_user0,path={},queues={queues},queue_size=1024",
+            sock.display()
+        ),
+    ]
+}
+
+/// EAL arguments of DPDK's own vhost-user back end (`net_vhost`, server on
+/// `sock`) plus `extra` vdevs: forwarding lcore 0, so that with a virtio-user
+/// peer (forwarding on lcore 1) the two busy-pollers use both cores.
+pub fn vhost_eal(sock: &std::path::Path, queues: usize, extra: &[String]) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "--no-pci".into(),
+        "--in-memory".into(),
+        "--no-telemetry".into(),
+        "--main-lcore".into(),
+        "1".into(),
+        "-l".into(),
+        "0,1".into(),
+        format!("--vdev=net_vhost0,iface={},queues={queues}", sock.display()),
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+/// Application arguments: `queues` queue pairs, one forwarding core.
+pub fn app_args(queues: usize) -> Vec<String> {
+    vec![
+        format!("--rxq={queues}"),
+        format!("--txq={queues}"),
+        "--nb-cores=1".into(),
+        format!("--total-num-mbufs={MBUFS}"),
+    ]
+}
+
 /// A running interactive testpmd.
 pub struct Testpmd {
     name: String,
@@ -138,6 +188,18 @@ impl Testpmd {
         app: &[String],
         timeout: Duration,
     ) -> Result<Testpmd, String> {
+        Testpmd::spawn_in(None, name, eal, app, timeout)
+    }
+
+    /// [`spawn`](Self::spawn) inside network namespace `netns` when given
+    /// (for PMDs that open interfaces: net_tap, net_af_xdp).
+    pub fn spawn_in(
+        netns: Option<&str>,
+        name: &str,
+        eal: &[String],
+        app: &[String],
+        timeout: Duration,
+    ) -> Result<Testpmd, String> {
         let mut args: Vec<String> = eal.to_vec();
         args.push("--".into());
         args.push("-i".into());
@@ -150,7 +212,15 @@ impl Testpmd {
         // writes a character at a time ("t" + error line + "estpmd> ").
         let (reader, writer) = std::io::pipe().map_err(|e| format!("pipe: {e}"))?;
         let writer2 = writer.try_clone().map_err(|e| format!("pipe: {e}"))?;
-        let mut child = Command::new("stdbuf")
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "stdbuf"]);
+                c
+            }
+            None => Command::new("stdbuf"),
+        };
+        let mut child = cmd
             .args(["-oL", "-eL", TESTPMD])
             .args(&args)
             .stdin(Stdio::piped())
@@ -260,6 +330,10 @@ impl Testpmd {
     /// True while the process runs.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Everything testpmd printed so far.

@@ -32,9 +32,21 @@ impl Vfrelay {
     /// [`spawn`](Self::spawn) with extra environment variables (test-only
     /// switches such as `VFRELAY_TEST_DISABLE_DIRTY_LOG`).
     pub fn spawn_env(ns: Option<&Netns>, args: &[&str], env: &[(&str, &str)]) -> Vfrelay {
+        Vfrelay::spawn_with(ns, Path::new(bin()), args, env)
+    }
+
+    /// [`spawn_env`](Self::spawn_env) of the binary at `exe` (the benchmark
+    /// harness runs a release build).
+    pub fn spawn_with(
+        ns: Option<&Netns>,
+        exe: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Vfrelay {
+        let exe = exe.to_str().expect("utf-8 path");
         let mut cmd = match ns {
-            Some(ns) => ns.command(bin()),
-            None => Command::new(bin()),
+            Some(ns) => ns.command(exe),
+            None => Command::new(exe),
         };
         cmd.args(args)
             .env(
@@ -47,7 +59,7 @@ impl Vfrelay {
             .stderr(Stdio::piped());
         let mut child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin()));
+            .unwrap_or_else(|e| panic!("cannot start {exe}: {e}"));
         let log = Arc::new(Mutex::new(Vec::new()));
         let pipes: Vec<Box<dyn Read + Send>> = vec![
             Box::new(child.stdout.take().unwrap()),

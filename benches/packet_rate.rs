@@ -1,0 +1,73 @@
+//! Packet-rate harness, vfrelay vs DPDK (issue 5). As root:
+//!
+//! ```sh
+//! cargo bench --bench packet_rate                 # full run, ~25 min
+//! cargo bench --bench packet_rate -- --smoke      # every configuration ~2 s
+//! cargo bench --bench packet_rate -- --only loopback --reps 3 --sizes 64
+//! ```
+//!
+//! Writes `benches/results/<stamp>/{report.md,plot.svg,samples.csv}` and the
+//! raw testpmd/vfrelay output to `benches/results/raw/<stamp>/`. See
+//! benches/README.md.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+mod harness;
+
+use std::path::PathBuf;
+
+fn main() {
+    let root = common::repo_root();
+    let mut smoke = std::env::var_os("VFRELAY_BENCH_SMOKE").is_some_and(|v| v == "1");
+    let mut args = std::env::args().skip(1);
+    let mut only = Vec::new();
+    let mut reps = None;
+    let mut secs = None;
+    let mut sizes = None;
+    let mut out = root.join("benches/results");
+    while let Some(a) = args.next() {
+        let mut val = |what: &str| {
+            args.next()
+                .unwrap_or_else(|| panic!("{a} needs a value ({what})"))
+        };
+        match a.as_str() {
+            // cargo bench passes --bench to harness = false targets.
+            "--bench" => {}
+            "--smoke" => smoke = true,
+            "--only" => only.push(val("loopback|af-xdp|tap|idle")),
+            "--reps" => reps = Some(val("N").parse().expect("--reps N")),
+            "--secs" => secs = Some(val("seconds").parse().expect("--secs S")),
+            "--sizes" => {
+                sizes = Some(
+                    val("64,256,...")
+                        .split(',')
+                        .map(|s| s.parse().expect("--sizes 64,1518"))
+                        .collect(),
+                )
+            }
+            "--out" => out = PathBuf::from(val("dir")),
+            other => panic!(
+                "unknown argument {other}: [--smoke] [--only SCENARIO]... [--reps N] \
+                 [--secs S] [--sizes 64,1518] [--out DIR]"
+            ),
+        }
+    }
+    let raw = out.join("raw");
+    let mut cfg = harness::Config::new(
+        smoke,
+        out,
+        raw,
+        PathBuf::from(env!("CARGO_BIN_EXE_vfrelay")),
+    );
+    cfg.only = only;
+    if let Some(r) = reps {
+        cfg.reps = r;
+    }
+    if let Some(s) = secs {
+        cfg.secs = s;
+    }
+    if let Some(s) = sizes {
+        cfg.sizes = s;
+    }
+    harness::run_all(&cfg);
+}

@@ -1,0 +1,53 @@
+//! CI keeps the packet-rate harness (benches/packet_rate.rs) working: one
+//! smoke-mode run (every configuration briefly, one repetition) must write a
+//! report, a plot and non-zero rates for both back ends. Never a timed test.
+//!
+//! Run as root: `cargo test --test bench_smoke -- --ignored`.
+
+mod common;
+#[path = "../benches/harness/mod.rs"]
+mod harness;
+
+use std::path::PathBuf;
+
+#[test]
+#[ignore = "needs root, dpdk-testpmd, hugepages; runs ~90 s"]
+fn harness_smoke_mode_writes_a_report() {
+    let dir = common::TempDir::new();
+    let cfg = harness::Config::new(
+        true,
+        dir.join("results"),
+        dir.join("results/raw"),
+        PathBuf::from(common::vfrelay::bin()),
+    );
+    let out = harness::run_all(&cfg);
+    let report = std::fs::read_to_string(out.join("report.md")).expect("report.md");
+    let svg = std::fs::read_to_string(out.join("plot.svg")).expect("plot.svg");
+    assert!(svg.contains("<svg"), "plot.svg is not an SVG");
+    let csv = std::fs::read_to_string(out.join("samples.csv")).expect("samples.csv");
+    let rows: Vec<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    for scenario in [
+        "loopback",
+        "af-xdp guest-to-wire",
+        "af-xdp wire-to-guest",
+        "tap guest-to-wire",
+        "tap wire-to-guest",
+    ] {
+        for side in ["vfrelay", "dpdk"] {
+            let mine: Vec<_> = rows
+                .iter()
+                .filter(|r| r[0] == scenario && r[3] == side)
+                .collect();
+            assert!(!mine.is_empty(), "no {scenario} {side} samples:\n{csv}");
+            for r in mine {
+                let mpps: f64 = r[5].parse().unwrap();
+                assert!(mpps > 0.0, "zero rate: {r:?}\n{report}");
+            }
+        }
+    }
+    assert!(report.contains("% of one core"), "{report}");
+}
