@@ -92,6 +92,12 @@ impl MemView {
             .find(|r| gpa >= r.gpa && gpa - r.gpa < r.len)
     }
 
+    /// The region holding `gpa`: (guest start, length, host start).
+    #[inline]
+    pub fn region(&self, gpa: u64) -> Option<(u64, u64, *mut u8)> {
+        self.find(gpa).map(|r| (r.gpa, r.len, r.host))
+    }
+
     /// Host pointer for `[gpa, gpa+len)`, which must lie in one region.
     #[inline]
     pub fn translate(&self, gpa: u64, len: u64) -> Option<*mut u8> {

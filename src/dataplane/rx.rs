@@ -59,24 +59,17 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Patch num_buffers (bytes 10..12 of the header) at the start of `iov`.
-fn set_num_buffers(iov: &[libc::iovec], n: u16) {
-    let mut c = Cursor::new(iov);
-    let mut skip = [0u8; 10];
-    // Walk past the first 10 bytes without changing them: advance the
-    // cursor by hand (write would overwrite).
-    let mut left = skip.len();
-    while left > 0 && c.seg < iov.len() {
-        let k = (iov[c.seg].iov_len - c.off).min(left);
-        c.off += k;
-        left -= k;
-        if c.off == iov[c.seg].iov_len {
-            c.seg += 1;
-            c.off = 0;
+/// Host address of byte `off` of the bytes an iovec list covers.
+fn byte_at(iov: &[libc::iovec], mut off: usize) -> Option<*mut u8> {
+    for v in iov {
+        if off < v.iov_len {
+            // SAFETY: off < iov_len, inside a segment checked against guest
+            // memory when the chain was popped.
+            return Some(unsafe { (v.iov_base as *mut u8).add(off) });
         }
+        off -= v.iov_len;
     }
-    skip[..2].copy_from_slice(&n.to_le_bytes());
-    c.write(&skip[..2]);
+    None
 }
 
 /// Mark the first `written` bytes of a chain dirty.
@@ -186,9 +179,11 @@ fn deliver(
     }
     if !mrg {
         let total = hdr_len + payload.len();
-        if ring.pending()? == 0 {
+        let pending = ring.pending()?;
+        if pending == 0 {
             return Ok(Delivery::NoRoom);
         }
+        ring.prefetch(mem, pending, true);
         ring.pop(mem, true, MAX_RX_CHAIN, chain)?;
         if (chain.len as usize) < total {
             // Give the buffer back for a smaller frame.
@@ -205,41 +200,65 @@ fn deliver(
         return Ok(Delivery::Done);
     }
 
-    // Mergeable: spread the frame over as many chains as it needs. The
-    // first chain's iovecs are kept to patch num_buffers at the end; the
-    // header spans at most VNET_HDR_LEN segments.
-    let mut first: [libc::iovec; VNET_HDR_LEN] = [libc::iovec {
-        iov_base: std::ptr::null_mut(),
-        iov_len: 0,
-    }; VNET_HDR_LEN];
-    let mut first_n = 0;
+    // Mergeable: spread the frame over as many chains as it needs.
+    // num_buffers (header bytes 10 and 11, which may sit in different
+    // segments) is patched at the end if more than one chain was used: its
+    // address is noted while the first chain is at hand. Two pointers, not a
+    // copy of the first chain's iovecs: that array had to be cleared for
+    // every frame.
+    let mut num_buffers_at: [Option<*mut u8>; 2] = [None; 2];
     let mut used = 0u16;
     let mut header_left: &[u8] = &h[..hdr_len];
     let mut data = payload;
     while used == 0 || !header_left.is_empty() || !data.is_empty() {
-        if ring.pending()? == 0 || used == u16::MAX {
+        let pending = ring.pending()?;
+        if pending == 0 || used == u16::MAX {
             // Roll back: the chains popped for this frame stay available
             // and their unpublished used entries are overwritten later.
             ring.unpop(used);
             ring.next_used = ring.next_used.wrapping_sub(used);
             return Ok(Delivery::NoRoom);
         }
+        ring.prefetch(mem, pending, true);
         ring.pop(mem, true, MAX_RX_CHAIN, chain)?;
-        let mut c = Cursor::new(&chain.iov);
-        let k = c.write(header_left);
-        header_left = &header_left[k..];
-        let k = c.write(data);
-        data = &data[k..];
+        let written = match chain.iov.as_slice() {
+            // The whole rest fits the chain's one buffer (small frames in
+            // mergeable buffers): two plain copies, no cursor.
+            [v] if v.iov_len >= header_left.len() + data.len() => {
+                let p = v.iov_base as *mut u8;
+                // SAFETY: both copies end within the segment, which was
+                // bounds-checked against guest memory by pop.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(header_left.as_ptr(), p, header_left.len());
+                    std::ptr::copy_nonoverlapping(
+                        data.as_ptr(),
+                        p.add(header_left.len()),
+                        data.len(),
+                    );
+                }
+                let n = header_left.len() + data.len();
+                header_left = &[];
+                data = &[];
+                n
+            }
+            iov => {
+                let mut c = Cursor::new(iov);
+                let k = c.write(header_left);
+                header_left = &header_left[k..];
+                let k = c.write(data);
+                data = &data[k..];
+                c.written
+            }
+        };
         // Logged even if this frame is rolled back below: the bytes were
         // written all the same.
         if let Some((l, cache)) = log.as_mut() {
-            log_written(chain, c.written, l, cache);
+            log_written(chain, written, l, cache);
         }
-        if used == 0 {
-            first_n = chain.iov.len().min(VNET_HDR_LEN);
-            first[..first_n].copy_from_slice(&chain.iov[..first_n]);
+        if used == 0 && hdr_len == VNET_HDR_LEN {
+            num_buffers_at = [byte_at(&chain.iov, 10), byte_at(&chain.iov, 11)];
         }
-        if c.written == 0 {
+        if written == 0 {
             // A zero-length buffer makes no progress: refuse it rather than
             // spin through the ring.
             return Err(ChainError::Undersized {
@@ -247,11 +266,17 @@ fn deliver(
                 hdr: hdr_len,
             });
         }
-        ring.put_used(chain.head, c.written as u32);
+        ring.put_used(chain.head, written as u32);
         used += 1;
     }
-    if used > 1 && hdr_len == VNET_HDR_LEN {
-        set_num_buffers(&first[..first_n], used);
+    if used > 1 {
+        for (at, b) in num_buffers_at.into_iter().zip(used.to_le_bytes()) {
+            if let Some(p) = at {
+                // SAFETY: inside the first chain's buffers (byte_at), which
+                // the guest cannot take back before the used index moves.
+                unsafe { p.write(b) };
+            }
+        }
     }
     Ok(Delivery::Done)
 }

@@ -282,6 +282,35 @@ fn mergeable_buffers_spread_a_large_frame() {
 }
 
 #[test]
+fn num_buffers_split_across_segments_is_patched() {
+    let mut g = Guest::new();
+    let mut q = qp();
+    // The first RX chain splits the header after byte 10: num_buffers'
+    // two bytes land in different segments.
+    let (a, b, c) = (g.alloc(11), g.alloc(1), g.alloc(100));
+    let i = g.rx.next_desc;
+    g.rx.next_desc = i.wrapping_add(3);
+    let wn = VRING_DESC_F_WRITE | VRING_DESC_F_NEXT;
+    g.desc(false, i, a, 11, wn, (i + 1) % QSIZE);
+    g.desc(false, i + 1, b, 1, wn, (i + 2) % QSIZE);
+    g.desc(false, i + 2, c, 100, VRING_DESC_F_WRITE, 0);
+    g.publish(false, i % QSIZE);
+    for _ in 0..4 {
+        g.post_rx(256);
+    }
+    g.send(&frame(500, 3));
+    q.run_event(&*g);
+    // 12 + 500 bytes: 112 in the first chain, then 256 + 144.
+    let used = g.used(false);
+    assert_eq!(
+        used.iter().map(|u| u.1).collect::<Vec<_>>(),
+        [112, 256, 144]
+    );
+    let (lo, hi) = (g.mem.read(a + 10, 1)[0], g.mem.read(b, 1)[0]);
+    assert_eq!(u16::from_le_bytes([lo, hi]), 3, "num_buffers");
+}
+
+#[test]
 fn frame_waits_for_rx_buffers() {
     let mut g = Guest::new();
     let mut q = qp();

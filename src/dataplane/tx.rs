@@ -27,7 +27,9 @@ fn skip_front(iov: &mut Vec<libc::iovec>, mut n: usize) {
             drop += 1;
         }
     }
-    iov.drain(..drop);
+    if drop > 0 {
+        iov.drain(..drop);
+    }
 }
 
 /// Relay up to BURST chains. Returns (frames taken, backend was full).
@@ -50,6 +52,7 @@ pub fn burst(
                 break;
             }
         }
+        ring.prefetch(mem, pending, false);
         ring.pop(mem, false, MAX_TX_CHAIN, chain)?;
         pending -= 1;
         if chain.len < hdr_len as u64 {
