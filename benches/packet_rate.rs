@@ -24,6 +24,8 @@ fn main() {
     let mut reps = None;
     let mut secs = None;
     let mut sizes = None;
+    let mut queues = None;
+    let mut exe = PathBuf::from(env!("CARGO_BIN_EXE_vfrelay"));
     let mut out = root.join("benches/results");
     while let Some(a) = args.next() {
         let mut val = |what: &str| {
@@ -45,26 +47,34 @@ fn main() {
                         .collect(),
                 )
             }
+            "--queues" => {
+                queues = Some(
+                    val("1,2")
+                        .split(',')
+                        .map(|s| s.parse().expect("--queues 1,2"))
+                        .collect(),
+                )
+            }
+            // Another build, e.g. to compare a change against its parent.
+            "--vfrelay" => exe = PathBuf::from(val("path")),
             "--out" => out = PathBuf::from(val("dir")),
             other => panic!(
                 "unknown argument {other}: [--smoke] [--only SCENARIO]... [--reps N] \
-                 [--secs S] [--sizes 64,1518] [--out DIR]"
+                 [--secs S] [--sizes 64,1518] [--queues 1,2] [--vfrelay PATH] [--out DIR]"
             ),
         }
     }
     let raw = out.join("raw");
-    let mut cfg = harness::Config::new(
-        smoke,
-        out,
-        raw,
-        PathBuf::from(env!("CARGO_BIN_EXE_vfrelay")),
-    );
+    let mut cfg = harness::Config::new(smoke, out, raw, exe);
     cfg.only = only;
     if let Some(r) = reps {
         cfg.reps = r;
     }
     if let Some(s) = secs {
         cfg.secs = s;
+    }
+    if let Some(q) = queues {
+        cfg.loopback_queues = q;
     }
     if let Some(s) = sizes {
         cfg.sizes = s;

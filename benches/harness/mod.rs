@@ -42,6 +42,8 @@ pub struct Config {
     /// Scenarios to run (all when empty): loopback, af-xdp, tap, idle.
     pub only: Vec<String>,
     pub sizes: Vec<usize>,
+    /// Queue pairs of the loopback scenario.
+    pub loopback_queues: Vec<usize>,
 }
 
 impl Config {
@@ -63,6 +65,7 @@ impl Config {
             } else {
                 SIZES.to_vec()
             },
+            loopback_queues: vec![1, 2],
         }
     }
 
@@ -566,7 +569,7 @@ pub fn run_all(cfg: &Config) -> PathBuf {
     let mut samples = Vec::new();
 
     if cfg.wants("loopback") {
-        for queues in [1, 2] {
+        for &queues in &cfg.loopback_queues {
             eprintln!("loopback, {queues} queue pair(s)");
             alternate(
                 cfg,
