@@ -220,6 +220,7 @@ fn summary(s: &Stats) -> String {
         "duplicate",
         "out_of_order",
         "gaps",
+        "out_of_range",
         "max_seq",
         "last_bad",
     ]
@@ -280,6 +281,8 @@ struct Round {
     /// vfrelay of the source logged the disconnect and listens again.
     source_relay_released: Option<bool>,
     dmesg: String,
+    /// Guest kernel error counters that grew across the migration.
+    kernel_errors: String,
     stats_after: Option<Stats>,
 }
 
@@ -297,7 +300,7 @@ impl Report {
             eprintln!(
                 "migration {} {}->{}: {} in {:.1}s, rx during {} | resume {:?} ping {} | \
                  source RAM pages changed after switch-over {:?} | source relay released {:?} \
-                 | {}{}",
+                 | kernel errors [{}] | {}{}",
                 i + 1,
                 ["A", "B"][r.from],
                 ["B", "A"][r.from],
@@ -308,6 +311,7 @@ impl Report {
                 if r.ping_ok { "ok" } else { "FAILED" },
                 r.source_ram_changed,
                 r.source_relay_released,
+                r.kernel_errors,
                 r.stats_after
                     .as_ref()
                     .map(summary)
@@ -320,6 +324,15 @@ impl Report {
             );
         }
         eprintln!("sender: {}", self.sender);
+        if let Some(s) = &self.final_stats {
+            eprintln!(
+                "late frames: out_of_order={} (stream frames that reached a guest later than \
+                 newer ones), out_of_range={} (probe frames pushed into an old tap after a \
+                 switch-over that still reached the guest)",
+                stat(s, "out_of_order"),
+                stat(s, "out_of_range")
+            );
+        }
         match &self.final_stats {
             Some(s) => eprintln!("final checker stats: {}", summary(s)),
             None => eprintln!(
@@ -362,6 +375,12 @@ impl Report {
                     "migration {n}: source vfrelay did not release the guest"
                 ));
             }
+            if !r.kernel_errors.is_empty() {
+                p.push(format!(
+                    "migration {n}: guest kernel dropped bad frames: {}",
+                    r.kernel_errors
+                ));
+            }
             if !r.dmesg.is_empty() {
                 p.push(format!(
                     "migration {n}: guest kernel complained: {}",
@@ -375,7 +394,10 @@ impl Report {
         match &self.final_stats {
             None => p.push("no final checker stats".into()),
             Some(s) => {
-                for k in ["corrupt", "duplicate", "out_of_order"] {
+                // Not out_of_order: frames that waited in an old side's tap
+                // while no guest was there arrive late but intact when the
+                // guest comes back (see `late_frames`).
+                for k in ["corrupt", "duplicate"] {
                     if stat(s, k) > 0 {
                         p.push(format!("{k}={} ({})", stat(s, k), summary(s)));
                     }
@@ -400,6 +422,69 @@ fn rx_grows(guest: &mut Guest, base: u64, timeout: Duration) -> Option<bool> {
         }
         std::thread::sleep(Duration::from_millis(300));
     }
+}
+
+/// Guest kernel counters that grow when a frame arrives damaged before
+/// it reaches udpcheck: a stale buffer (old bytes, stale virtio-net header
+/// or IP length) is dropped by virtio_net, IP or UDP rather than delivered.
+/// Socket-buffer overruns are not damage and not counted.
+const KERNEL_ERROR_COUNTERS: &[&str] = &[
+    "Ip.InHdrErrors",
+    "Ip.InAddrErrors",
+    "IpExt.InTruncatedPkts",
+    "IpExt.InCsumErrors",
+    "Udp.InCsumErrors",
+    "eth0.rx_errors",
+    "eth0.rx_length_errors",
+    "eth0.rx_frame_errors",
+    "eth0.rx_dropped",
+];
+
+/// `KERNEL_ERROR_COUNTERS` read from /proc/net/{snmp,netstat} and eth0's
+/// statistics; `None` if the console does not answer.
+fn kernel_counters(guest: &mut Guest) -> Option<BTreeMap<String, u64>> {
+    let (_, out) = guest.try_run_timeout(
+        "cat /proc/net/snmp /proc/net/netstat; cd /sys/class/net/eth0/statistics && \
+         for f in rx_errors rx_length_errors rx_frame_errors rx_dropped; do \
+         echo \"eth0: $f\"; echo \"eth0: $(cat $f)\"; done; cd /root",
+        secs(20),
+    )?;
+    let mut m = BTreeMap::new();
+    let lines: Vec<&str> = out.lines().collect();
+    // Each table is a header line and a value line with the same prefix.
+    for pair in lines.windows(2) {
+        let (Some((p1, names)), Some((p2, vals))) =
+            (pair[0].split_once(": "), pair[1].split_once(": "))
+        else {
+            continue;
+        };
+        if p1 != p2
+            || names
+                .split_whitespace()
+                .next()
+                .map_or(true, |w| w.parse::<u64>().is_ok())
+        {
+            continue;
+        }
+        for (n, v) in names.split_whitespace().zip(vals.split_whitespace()) {
+            if let Ok(v) = v.parse::<u64>() {
+                m.insert(format!("{p1}.{n}"), v);
+            }
+        }
+    }
+    Some(m)
+}
+
+/// Counters in `KERNEL_ERROR_COUNTERS` that grew from `a` to `b`.
+fn kernel_errors(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> String {
+    KERNEL_ERROR_COUNTERS
+        .iter()
+        .filter_map(|k| {
+            let d = b.get(*k)?.saturating_sub(*a.get(*k).unwrap_or(&0));
+            (d > 0).then(|| format!("{k}+{d}"))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Virtio complaints in the guest kernel log (a broken ring shows here).
@@ -479,6 +564,7 @@ fn migrate_under_load(mode: Mode) -> Report {
         let dest_side = 1 - side;
         let mut dest = Guest::incoming(&topo.config(mode, dest_side));
         let before = read_stats(&mut guest).map(|s| stat(&s, "received"));
+        let counters_before = kernel_counters(&mut guest);
         let connects_src = topo
             .relays
             .get(side)
@@ -511,6 +597,7 @@ fn migrate_under_load(mode: Mode) -> Report {
             source_ram_changed: None,
             source_relay_released: None,
             dmesg: String::new(),
+            kernel_errors: String::new(),
             stats_after: None,
         };
         if !outcome.completed() {
@@ -624,6 +711,9 @@ fn migrate_under_load(mode: Mode) -> Report {
             report.console_dead = true;
             "console dead".into()
         });
+        if let (Some(a), Some(b)) = (&counters_before, kernel_counters(&mut guest)) {
+            round.kernel_errors = kernel_errors(a, &b);
+        }
         round.stats_after = read_stats(&mut guest);
         report.rounds.push(round);
         if report.console_dead {
@@ -647,11 +737,23 @@ fn migrate_under_load(mode: Mode) -> Report {
         for (i, r) in topo.relays.iter().enumerate() {
             let log = r.log();
             eprintln!(
-                "vfrelay {}: {} connects, {} disconnects",
+                "vfrelay {}: {} connects, {} disconnects, logging on {} times ({} with the \
+                 test switch disabling it)",
                 ["A", "B"][i],
                 count(&log, "front end connected"),
-                count(&log, "listening again on")
+                count(&log, "listening again on"),
+                count(&log, "dirty-page logging on"),
+                count(&log, "disabled for testing")
             );
+            // Warnings explain a dead queue or a refused message.
+            for l in log
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .filter(|l| !l.contains("disabled for testing"))
+                .take(20)
+            {
+                eprintln!("  {l}");
+            }
         }
     }
     report
