@@ -21,6 +21,16 @@ struct Region {
 /// Keeps whatever owns the mappings alive while a view exists.
 type Owner = Arc<dyn Send + Sync>;
 
+impl std::fmt::Debug for MemView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut l = f.debug_list();
+        for r in &self.regions {
+            l.entry(&format_args!("{:#x}+{:#x} at {:p}", r.gpa, r.len, r.host));
+        }
+        l.finish()
+    }
+}
+
 pub struct MemView {
     /// Sorted by `gpa`, non-overlapping.
     regions: Vec<Region>,

@@ -108,6 +108,12 @@ impl RingSlot {
         if stale {
             match SplitRing::new(mem, addrs) {
                 Ok(r) => {
+                    debug!(
+                        "{what}: ring {addrs:?} base avail {} used {} (guest used idx {})",
+                        ctl.next_avail(),
+                        ctl.next_used(),
+                        r.used_idx()
+                    );
                     self.ring = Some(r);
                     self.mem = Some(mem.clone());
                 }
@@ -133,17 +139,20 @@ impl RingSlot {
 
     /// Hand indices back to the frontend and interrupt if the guest wants it.
     /// While logging, the used ring (entries, index, avail_event) and the
-    /// buffers marked during the burst reach the log before the guest can
-    /// see the new index.
+    /// buffers marked during the burst reach the log before the ring can be
+    /// stopped (GET_VRING_BASE waits for this burst).
     fn finish(&mut self, ctl: &mut dyn RingCtl, log: Option<&DirtyLog>, cache: &mut LogCache) {
         if let Some(r) = self.ring.as_mut() {
+            let notify = r.publish_used();
+            // Marked after the writes: a log sync between a mark and the
+            // write it covers would send the page before it changed.
             if let Some(log) = log {
                 if let Some(addr) = ctl.log_addr() {
                     cache.mark(log, addr, r.used_len());
                 }
                 cache.flush(log);
             }
-            if r.publish_used() {
+            if notify {
                 ctl.signal();
             }
             ctl.set_next_avail(r.last_avail);

@@ -312,6 +312,7 @@ impl VhostUserBackend for VhostUserNet {
         let guard = mem.memory();
         let arc = guard.into_inner();
         let view = MemView::from_guest_memory(&*arc, arc.clone());
+        debug!("guest memory: {view:?}");
         *self.inner.mem.write().unwrap() = Arc::new(view);
         Ok(())
     }

@@ -47,6 +47,13 @@ pub const REQ_SET_FEATURES: u32 = 2;
 pub const REQ_SET_LOG_BASE: u32 = 6;
 pub const REQ_SET_VRING_ADDR: u32 = 9;
 pub const REQ_SEND_RARP: u32 = 19;
+pub const REQ_RESET_OWNER: u32 = 4;
+pub const REQ_SET_MEM_TABLE: u32 = 5;
+pub const REQ_GET_VRING_BASE: u32 = 11;
+pub const REQ_SET_VRING_KICK: u32 = 12;
+pub const REQ_RESET_DEVICE: u32 = 34;
+pub const REQ_ADD_MEM_REG: u32 = 37;
+pub const REQ_REM_MEM_REG: u32 = 38;
 /// SET_VRING_ADDR flags: log used-ring writes at log_guest_addr.
 pub const VHOST_VRING_F_LOG: u32 = 1;
 pub const REQ_SET_PROTOCOL_FEATURES: u32 = 16;
@@ -173,6 +180,16 @@ pub struct FrontState {
     reply_ack: bool,
     /// Early "enable" requests as (vring index, message without NEED_REPLY).
     pending_enables: Vec<(u32, Vec<u8>)>,
+    /// Per vring: the ring addresses (desc, used, avail) last forwarded, and
+    /// whether the ring was started (SET_VRING_KICK) since, with the memory
+    /// table unchanged. See REQ_SET_VRING_ADDR in `decide`.
+    rings: Vec<RingSeen>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct RingSeen {
+    addrs: Option<[u8; 24]>,
+    running: bool,
 }
 
 impl FrontState {
@@ -212,6 +229,61 @@ impl FrontState {
                 let reply = (self.reply_ack && hdr.flags & FLAG_NEED_REPLY != 0)
                     .then(|| ack_reply(hdr).to_vec());
                 Decision::Absorb { reply }
+            }
+            // QEMU re-sends SET_VRING_ADDR to a running ring to switch
+            // used-ring logging on or off around a migration. rust-vmm's
+            // handler then re-reads used->idx from guest memory and stores
+            // it as next_used under a separate lock: a burst published in
+            // between is undone, used entries the guest already took are
+            // written again and the guest marks the ring broken. The only
+            // news in such a message is the log flag and address, which
+            // the hooks already took (observe), so it is answered here.
+            REQ_SET_VRING_ADDR if payload.len() >= 40 => {
+                let index = u32::from_ne_bytes(payload[0..4].try_into().unwrap()) as usize;
+                let addrs: [u8; 24] = payload[8..32].try_into().unwrap();
+                if index < 1024 && self.rings.len() <= index {
+                    self.rings.resize(index + 1, RingSeen::default());
+                }
+                match self.rings.get_mut(index) {
+                    Some(r) if r.running && r.addrs == Some(addrs) => {
+                        debug!("relay: SET_VRING_ADDR for running vring {index} only changes logging: answered here");
+                        let reply = (self.reply_ack && hdr.flags & FLAG_NEED_REPLY != 0)
+                            .then(|| ack_reply(hdr).to_vec());
+                        Decision::Absorb { reply }
+                    }
+                    Some(r) => {
+                        *r = RingSeen {
+                            addrs: Some(addrs),
+                            running: false,
+                        };
+                        Decision::Forward { then: Vec::new() }
+                    }
+                    None => Decision::Forward { then: Vec::new() },
+                }
+            }
+            REQ_SET_VRING_KICK => {
+                // Payload: u64 index (bits 0-7) and the no-fd flag.
+                if let Some(r) =
+                    payload_u64(payload).and_then(|v| self.rings.get_mut((v & 0xff) as usize))
+                {
+                    r.running = r.addrs.is_some();
+                }
+                Decision::Forward { then: Vec::new() }
+            }
+            REQ_GET_VRING_BASE => {
+                if let Some(r) = payload_u64(payload)
+                    .and_then(|v| self.rings.get_mut((v & 0xffff_ffff) as usize))
+                {
+                    r.running = false;
+                }
+                Decision::Forward { then: Vec::new() }
+            }
+            // Ring addresses are translated through the memory table: after
+            // a change the same addresses may mean other guest memory.
+            REQ_SET_MEM_TABLE | REQ_ADD_MEM_REG | REQ_REM_MEM_REG | REQ_RESET_OWNER
+            | REQ_RESET_DEVICE => {
+                self.rings.clear();
+                Decision::Forward { then: Vec::new() }
             }
             REQ_SET_VRING_ENABLE if !self.features_set && payload.len() >= 8 => {
                 let index = u32::from_ne_bytes(payload[0..4].try_into().unwrap());
@@ -637,6 +709,77 @@ mod tests {
         );
         assert_eq!(observe(&h(REQ_SEND_RARP, 4), &rarp[..4]), None);
         assert_eq!(observe(&h(REQ_SET_FEATURES, 8), &rarp), None);
+    }
+
+    fn vring_addr(index: u32, flags: u32, desc: u64) -> Vec<u8> {
+        let mut a = Vec::new();
+        a.extend_from_slice(&index.to_ne_bytes());
+        a.extend_from_slice(&flags.to_ne_bytes());
+        for v in [desc, desc + 0x1000, desc + 0x2000, 0x5000] {
+            a.extend_from_slice(&v.to_ne_bytes());
+        }
+        a
+    }
+
+    #[test]
+    fn repeated_vring_addr_on_a_running_ring_is_answered_here() {
+        let mut st = FrontState::default();
+        protocol_reply_ack(&mut st);
+        let fwd = Decision::Forward { then: vec![] };
+        let (h, m) = msg(REQ_SET_VRING_ADDR, FLAG_VERSION, &vring_addr(1, 0, 0x10000));
+        assert_eq!(
+            st.decide(&h, &m),
+            fwd,
+            "first time: the daemon sets the ring up"
+        );
+        // Not started yet: a repeat is still forwarded.
+        assert_eq!(st.decide(&h, &m), fwd);
+        let (hk, mk) = msg(REQ_SET_VRING_KICK, FLAG_VERSION, &1u64.to_ne_bytes());
+        assert_eq!(st.decide(&hk, &mk), fwd);
+        // Running, same addresses, log flag on (migration starts): absorbed,
+        // acked when asked.
+        let (h2, m2) = msg(
+            REQ_SET_VRING_ADDR,
+            FLAG_VERSION | FLAG_NEED_REPLY,
+            &vring_addr(1, VHOST_VRING_F_LOG, 0x10000),
+        );
+        assert_eq!(
+            st.decide(&h2, &m2),
+            Decision::Absorb {
+                reply: Some(ack_reply(&h2).to_vec())
+            }
+        );
+        // Other vrings are unaffected; other addresses are forwarded.
+        let (h3, m3) = msg(REQ_SET_VRING_ADDR, FLAG_VERSION, &vring_addr(1, 0, 0x20000));
+        assert_eq!(st.decide(&h3, &m3), fwd);
+        let (h4, m4) = msg(REQ_SET_VRING_ADDR, FLAG_VERSION, &vring_addr(0, 0, 0x10000));
+        assert_eq!(st.decide(&h4, &m4), fwd);
+    }
+
+    #[test]
+    fn vring_addr_is_forwarded_after_stop_or_memory_change() {
+        let mut st = FrontState::default();
+        let fwd = Decision::Forward { then: vec![] };
+        let start = |st: &mut FrontState| {
+            let (h, m) = msg(REQ_SET_VRING_ADDR, FLAG_VERSION, &vring_addr(0, 0, 0x10000));
+            assert_eq!(st.decide(&h, &m), Decision::Forward { then: vec![] });
+            let (h, m) = msg(REQ_SET_VRING_KICK, FLAG_VERSION, &0u64.to_ne_bytes());
+            st.decide(&h, &m);
+        };
+        let (h, m) = msg(REQ_SET_VRING_ADDR, FLAG_VERSION, &vring_addr(0, 1, 0x10000));
+        start(&mut st);
+        let (hb, mb) = msg(REQ_GET_VRING_BASE, FLAG_VERSION, &vring_state(0, 0));
+        st.decide(&hb, &mb);
+        assert_eq!(st.decide(&h, &m), fwd, "stopped ring: a real re-setup");
+        start(&mut st);
+        let (hm, mm) = msg(REQ_SET_MEM_TABLE, FLAG_VERSION, &[0; 8]);
+        st.decide(&hm, &mm);
+        assert_eq!(st.decide(&h, &m), fwd, "memory table changed");
+        start(&mut st);
+        assert!(matches!(st.decide(&h, &m), Decision::Absorb { .. }));
+        // A short message is left to the daemon to reject.
+        let (hs, ms) = msg(REQ_SET_VRING_ADDR, FLAG_VERSION, &[0; 12]);
+        assert_eq!(st.decide(&hs, &ms), fwd);
     }
 
     #[test]
