@@ -189,9 +189,24 @@ impl Guest {
     /// waiting on [`migration_uri`](Self::migration_uri). Returns once its
     /// QMP monitor answers (its vhost-user back ends are then connected).
     pub fn incoming(cfg: &GuestConfig) -> Guest {
+        Guest::incoming_opts(cfg, false)
+    }
+
+    /// [`incoming`](Self::incoming), but the VM stays paused after the
+    /// migration (`-S`) until QMP `cont`: its RAM can then be compared with
+    /// the paused source's, before any device touches it.
+    pub fn incoming_paused(cfg: &GuestConfig) -> Guest {
+        Guest::incoming_opts(cfg, true)
+    }
+
+    fn incoming_opts(cfg: &GuestConfig, paused: bool) -> Guest {
         let dir = TempDir::new();
         let uri = format!("unix:{}", dir.join("mig.sock").display());
-        let mut guest = Guest::spawn_in(cfg, &["-incoming".to_string(), uri], dir);
+        let mut extra = vec!["-incoming".to_string(), uri];
+        if paused {
+            extra.push("-S".into());
+        }
+        let mut guest = Guest::spawn_in(cfg, &extra, dir);
         let status = guest.qmp().status();
         assert_eq!(
             status.as_deref(),
@@ -479,7 +494,12 @@ impl Guest {
             "migrate-set-parameters",
             &format!(
                 r#"{{"max-bandwidth": {}, "downtime-limit": {}}}"#,
-                params.max_bandwidth, params.downtime_limit_ms
+                params.max_bandwidth,
+                if params.hold.is_zero() {
+                    params.downtime_limit_ms
+                } else {
+                    1
+                }
             ),
         )
         .unwrap_or_else(|e| panic!("guest {name}: migrate-set-parameters: {e}"));
@@ -493,8 +513,16 @@ impl Guest {
         let deadline = started + params.timeout;
         let mut last = String::new();
         let mut hook_done = false;
+        let mut held = params.hold.is_zero();
         let status = loop {
             std::thread::sleep(Duration::from_millis(200));
+            if !held && started.elapsed() >= params.hold {
+                held = true;
+                let limit = format!(r#"{{"downtime-limit": {}}}"#, params.downtime_limit_ms);
+                if let Err(e) = self.qmp().execute("migrate-set-parameters", &limit) {
+                    break format!("migrate-set-parameters: {e}");
+                }
+            }
             if !hook_done && started.elapsed() >= after {
                 hook_done = true;
                 during(self);
@@ -516,11 +544,13 @@ impl Guest {
         let elapsed = started.elapsed();
         if status == "completed" {
             // The source reports completion once everything is sent; the
-            // destination then loads the last state and starts running.
+            // destination then loads the last state and starts running (or
+            // stays paused, with -S).
+            let loaded = |st: Option<String>| matches!(st.as_deref(), Some("running" | "paused"));
             super::wait_until(secs(30), || {
-                !dest.is_running() || dest.qmp().status().as_deref() == Some("running")
+                !dest.is_running() || loaded(dest.qmp().status())
             });
-            let running = dest.is_running() && dest.qmp().status().as_deref() == Some("running");
+            let running = dest.is_running() && loaded(dest.qmp().status());
             if !running {
                 let state = if dest.is_running() {
                     format!("{:?}", dest.qmp().status())
@@ -619,6 +649,10 @@ pub struct MigrateParams {
     pub max_bandwidth: u64,
     /// Longest acceptable pause of the VM at the end (QMP `downtime-limit`).
     pub downtime_limit_ms: u64,
+    /// For this long the downtime limit is 1 ms, which a running guest
+    /// cannot meet: QEMU keeps iterating (re-sending only pages reported
+    /// dirty) instead of switching over right after the first RAM pass.
+    pub hold: Duration,
     /// Give up (and `migrate_cancel`) after this long.
     pub timeout: Duration,
 }
