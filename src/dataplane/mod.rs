@@ -256,6 +256,21 @@ impl QueuePair {
         }
     }
 
+    /// Drop whatever the backend received while no guest was attached, so
+    /// a new guest (or a guest migrating back) does not get stale frames
+    /// seconds or minutes late. Counted as rx_dropped.
+    pub fn discard_backend_rx(&mut self) -> u64 {
+        let mut n = 0u64;
+        loop {
+            match self.backend.rx_burst(BURST, &mut |_| true) {
+                Ok(0) | Err(_) => break,
+                Ok(k) => n += k as u64,
+            }
+        }
+        self.stats.rx_dropped += n;
+        n
+    }
+
     /// Forget ring state (frontend disconnected or device reset).
     pub fn reset(&mut self) {
         self.rx = RingSlot::default();

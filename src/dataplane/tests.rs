@@ -536,3 +536,24 @@ fn a_buffer_across_two_regions_is_logged_in_both() {
     // The bytes really landed in the second region.
     assert_eq!(&extra[..912], &swapped(&frame(1000, 7))[88..]);
 }
+
+#[test]
+fn frames_queued_without_a_guest_are_discarded() {
+    let mut g = Guest::new();
+    let mut q = qp();
+    // Frames reach the loopback backend (as if received while no guest was
+    // attached), then a new front end connects.
+    for i in 0..5 {
+        let f = frame(60, i);
+        let seg = libc::iovec {
+            iov_base: f.as_ptr() as *mut _,
+            iov_len: f.len(),
+        };
+        assert!(q.backend.tx_frame(&[seg]).unwrap());
+    }
+    assert_eq!(q.discard_backend_rx(), 5);
+    assert_eq!(q.stats.rx_dropped, 5);
+    g.post_rx(2048);
+    q.run_event(&*g);
+    assert!(g.used(false).is_empty(), "nothing stale delivered");
+}

@@ -156,6 +156,16 @@ impl VhostUserNet {
     fn begin_connection(&self) {
         self.inner.stop.store(false, Ordering::SeqCst);
         self.reset_connection_state();
+        for qp in &self.inner.qps {
+            let mut qp = qp.lock().unwrap();
+            let n = qp.discard_backend_rx();
+            if n > 0 {
+                info!(
+                    "queue pair {}: dropped {n} frames that arrived while no front end was attached",
+                    qp.index
+                );
+            }
+        }
     }
 
     fn end_connection(&self) {
