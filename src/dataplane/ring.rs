@@ -500,7 +500,7 @@ impl SplitRing {
     /// `pending` as returned by `pending()` before the next `pop`.
     /// Prefetches cannot fault; `pop` still checks everything it uses.
     #[inline]
-    pub fn prefetch(&self, mem: &MemView, pending: u16, write: bool) {
+    pub fn prefetch(&self, pending: u16, write: bool) {
         if pending > DESC_AHEAD {
             if let Some(d) = self.peek_desc(DESC_AHEAD) {
                 prefetch_read(d);
@@ -510,8 +510,10 @@ impl SplitRing {
             if let Some(d) = self.peek_desc(BUF_AHEAD) {
                 // SAFETY: d points to 16 bytes inside the descriptor table.
                 let d = unsafe { read_desc(d) };
+                // Only buffers in the cached region: a table search for a
+                // hint would cost more than most misses it could hide.
                 if d.flags & VRING_DESC_F_INDIRECT == 0 {
-                    if let Some(p) = mem.translate(d.addr, 1) {
+                    if let Some(p) = self.hot.translate(d.addr, 1) {
                         if write {
                             prefetch_write(p);
                         } else {

@@ -183,7 +183,7 @@ fn deliver(
         if pending == 0 {
             return Ok(Delivery::NoRoom);
         }
-        ring.prefetch(mem, pending, true);
+        ring.prefetch(pending, true);
         ring.pop(mem, true, MAX_RX_CHAIN, chain)?;
         if (chain.len as usize) < total {
             // Give the buffer back for a smaller frame.
@@ -219,7 +219,7 @@ fn deliver(
             ring.next_used = ring.next_used.wrapping_sub(used);
             return Ok(Delivery::NoRoom);
         }
-        ring.prefetch(mem, pending, true);
+        ring.prefetch(pending, true);
         ring.pop(mem, true, MAX_RX_CHAIN, chain)?;
         let written = match chain.iov.as_slice() {
             // The whole rest fits the chain's one buffer (small frames in

@@ -52,7 +52,7 @@ pub fn burst(
                 break;
             }
         }
-        ring.prefetch(mem, pending, false);
+        ring.prefetch(pending, false);
         ring.pop(mem, false, MAX_TX_CHAIN, chain)?;
         pending -= 1;
         if chain.len < hdr_len as u64 {
