@@ -54,8 +54,8 @@ impl Config {
         Config {
             smoke,
             reps: if smoke { 1 } else { 5 },
-            secs: if smoke { 1.0 } else { 3.0 },
-            warm: if smoke { 0.5 } else { 1.0 },
+            secs: if smoke { 1.0 } else { 2.0 },
+            warm: if smoke { 0.5 } else { 0.7 },
             out,
             raw,
             vfrelay,
