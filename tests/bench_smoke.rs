@@ -11,7 +11,7 @@ mod harness;
 use std::path::PathBuf;
 
 #[test]
-#[ignore = "needs root, dpdk-testpmd, hugepages; runs ~90 s"]
+#[ignore = "needs root, dpdk-testpmd, hugepages; runs about a minute"]
 fn harness_smoke_mode_writes_a_report() {
     let dir = common::TempDir::new();
     let cfg = harness::Config::new(
