@@ -787,9 +787,16 @@ fn migrate_under_load(mode: Mode, rounds: usize, stop_at_damage: bool) -> Report
             }
             None => Resume::Never,
         };
-        let to_peer = guest.try_run_timeout(&format!("ping -c 3 -i 0.2 -W 3 {PEER_IP}"), secs(30));
-        let from_peer = topo.ns.ping(GUEST_IP, 3, 56);
-        round.ping_ok = to_peer.is_some_and(|(st, _)| st == 0) && from_peer.is_ok();
+        // The stream keeps the (TCG, deliberately slowed) guest's RX busy
+        // and loses some frames by design, ICMP included: a few attempts per
+        // direction, as someone checking by hand would.
+        let to_peer = (0..4).any(|_| {
+            guest
+                .try_run_timeout(&format!("ping -c 3 -i 0.2 -W 3 {PEER_IP}"), secs(30))
+                .is_some_and(|(st, _)| st == 0)
+        });
+        let from_peer = (0..4).any(|_| topo.ns.ping(GUEST_IP, 3, 56).is_ok());
+        round.ping_ok = to_peer && from_peer;
         round.dmesg = guest_dmesg_errors(&mut guest).unwrap_or_else(|| {
             report.console_dead = true;
             "console dead".into()
