@@ -192,10 +192,17 @@ fn two_queue_pairs_carry_traffic_client_mode() {
         ],
     );
     boot_and_check(&mut vf, &cfg, 1, [(0, 0); 2]);
+    // After QEMU goes, vfrelay releases the guest and starts reconnecting:
+    // wait for that before stopping it (a SIGTERM first would rightly
+    // stop it without reconnecting).
+    let reconnecting = wait_until(secs(10), || vf.log().contains("reconnecting to"));
     let (st, log) = vf.stop();
     assert!(
         st.is_some_and(|s| s.success()),
         "vfrelay exit on SIGTERM: {st:?}\n{log}"
     );
-    assert!(log.contains("reconnecting to"), "{log}");
+    assert!(
+        reconnecting,
+        "vfrelay did not go back to reconnecting:\n{log}"
+    );
 }
