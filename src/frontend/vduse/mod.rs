@@ -247,6 +247,38 @@ impl RingPairAccess for VdPair<'_> {
 }
 
 impl Shared {
+    /// A device before DRIVER_OK: no rings, no memory view, nothing acked.
+    fn new(
+        name: String,
+        dev: Device,
+        poll: bool,
+        qsize: u16,
+        backend: Box<dyn vfrelay_backends::Backend>,
+    ) -> Result<Shared, Error> {
+        let efd = || EventFd::new(EFD_NONBLOCK).map_err(sys("eventfd"));
+        Ok(Shared {
+            name,
+            dev,
+            poll,
+            qsize,
+            state: Mutex::new(State {
+                started: false,
+                status: 0,
+                features: 0,
+                vqs: Default::default(),
+                mem: Arc::new(MemView::empty()),
+                probe_low: true,
+            }),
+            qp: Mutex::new(QueuePair::new(0, backend)),
+            kicks: [efd()?, efd()?],
+            wake: efd()?,
+            stop: AtomicBool::new(false),
+            stop_requests: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
+            acked: AtomicU64::new(0),
+        })
+    }
+
     /// Re-reads the IOTLB into a fresh view (the old one is dropped once
     /// no cached ring holds it).
     fn refresh_view(&self, st: &mut State) {
@@ -627,28 +659,13 @@ fn serve(
     for i in 0..VQ_NUM {
         device.vq_setup(i, net.cfg.queue_size)?;
     }
-    let efd = || EventFd::new(EFD_NONBLOCK).map_err(sys("eventfd"));
-    let sh = Arc::new(Shared {
-        name: net.name.clone(),
-        dev: device,
-        poll: net.cfg.poll,
-        qsize: net.cfg.queue_size,
-        state: Mutex::new(State {
-            started: false,
-            status: 0,
-            features: 0,
-            vqs: Default::default(),
-            mem: Arc::new(MemView::empty()),
-            probe_low: true,
-        }),
-        qp: Mutex::new(QueuePair::new(0, backend)),
-        kicks: [efd()?, efd()?],
-        wake: efd()?,
-        stop: AtomicBool::new(false),
-        stop_requests: AtomicBool::new(false),
-        broken: AtomicBool::new(false),
-        acked: AtomicU64::new(0),
-    });
+    let sh = Arc::new(Shared::new(
+        net.name.clone(),
+        device,
+        net.cfg.poll,
+        net.cfg.queue_size,
+        backend,
+    )?);
     let requests = {
         let sh = sh.clone();
         std::thread::Builder::new()
@@ -731,28 +748,7 @@ mod tests {
             .open("/dev/null")
             .unwrap();
         let backend = BackendSpec::Loopback.open(1).unwrap().pop().unwrap();
-        let efd = || EventFd::new(EFD_NONBLOCK).unwrap();
-        Shared {
-            name: "test".into(),
-            dev: Device::from_file(file),
-            poll,
-            qsize: 256,
-            state: Mutex::new(State {
-                started: false,
-                status: 0,
-                features: 0,
-                vqs: Default::default(),
-                mem: Arc::new(MemView::empty()),
-                probe_low: true,
-            }),
-            qp: Mutex::new(QueuePair::new(0, backend)),
-            kicks: [efd(), efd()],
-            wake: efd(),
-            stop: AtomicBool::new(false),
-            stop_requests: AtomicBool::new(false),
-            broken: AtomicBool::new(false),
-            acked: AtomicU64::new(0),
-        }
+        Shared::new("test".into(), Device::from_file(file), poll, 256, backend).unwrap()
     }
 
     #[test]
