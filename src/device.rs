@@ -21,6 +21,26 @@ pub struct NetConfig {
 }
 
 impl NetConfig {
+    /// The virtio-net features both frontends offer (backend offloads and
+    /// transport bits are added by each frontend).
+    pub fn virtio_features(&self) -> u64 {
+        use crate::dataplane::{
+            VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_RING_F_INDIRECT_DESC,
+        };
+        let mut f = VIRTIO_F_VERSION_1
+            | VIRTIO_NET_F_MRG_RXBUF
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | VIRTIO_NET_F_MAC
+            | VIRTIO_NET_F_STATUS
+            | VIRTIO_NET_F_MTU;
+        if self.queue_pairs > 1 {
+            f |= VIRTIO_NET_F_MQ;
+        }
+        f
+    }
+
     /// Bytes `[offset, offset+size)` of the config space, zero beyond the
     /// fields we implement; empty for a request outside what may be asked.
     pub fn config_space(&self, status: u16, offset: u32, size: u32) -> Vec<u8> {

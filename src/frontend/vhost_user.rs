@@ -26,10 +26,7 @@ use vmm_sys_util::event::{
 use crate::dataplane::dirty_log::DirtyLog;
 use crate::dataplane::mem::MemView;
 use crate::dataplane::ring::RingAddrs;
-use crate::dataplane::{
-    QueuePair, RingCtl, RingPairAccess, RoundFn, VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
-};
+use crate::dataplane::{QueuePair, RingCtl, RingPairAccess, RoundFn};
 use crate::device::NetConfig;
 use crate::shutdown;
 
@@ -368,22 +365,6 @@ impl VhostUserBackend for VhostUserNet {
     }
 }
 
-impl crate::device::NetConfig {
-    pub fn virtio_features(&self) -> u64 {
-        let mut f = VIRTIO_F_VERSION_1
-            | VIRTIO_NET_F_MRG_RXBUF
-            | VIRTIO_RING_F_EVENT_IDX
-            | VIRTIO_RING_F_INDIRECT_DESC
-            | crate::device::VIRTIO_NET_F_MAC
-            | crate::device::VIRTIO_NET_F_STATUS
-            | crate::device::VIRTIO_NET_F_MTU;
-        if self.queue_pairs > 1 {
-            f |= crate::device::VIRTIO_NET_F_MQ;
-        }
-        f
-    }
-}
-
 /// Check what is at `path` before binding: replace a stale socket from a
 /// crashed run, refuse a live one or anything that is not a socket.
 fn prepare_socket_path(path: &Path) -> Result<(), Error> {
@@ -614,6 +595,7 @@ fn serve_loop(
 mod tests {
     use super::*;
     use crate::dataplane::dirty_log::tests::memfd;
+    use crate::dataplane::VIRTIO_F_VERSION_1;
     use relay::Hooks;
 
     fn net() -> VhostUserNet {
