@@ -89,6 +89,19 @@ struct VduseArgs {
     dev: DeviceArgs,
 }
 
+impl DeviceArgs {
+    /// The device both frontends present, from the options they share.
+    fn net_config(&self, queue_pairs: usize, queue_size: u16) -> NetConfig {
+        NetConfig {
+            mac: self.mac.unwrap_or_else(device::random_mac),
+            mtu: self.mtu,
+            queue_pairs,
+            queue_size,
+            poll: self.poll,
+        }
+    }
+}
+
 fn parse_backend(s: &str) -> Result<BackendSpec, String> {
     s.parse()
         .map_err(|e: vfrelay_backends::Error| e.to_string())
@@ -158,13 +171,7 @@ fn main() -> ExitCode {
 fn run(cmd: Command) -> Result<(), Box<dyn std::error::Error>> {
     match cmd {
         Command::VhostUser(a) => {
-            let cfg = NetConfig {
-                mac: a.dev.mac.unwrap_or_else(device::random_mac),
-                mtu: a.dev.mtu,
-                queue_pairs: a.queues as usize,
-                queue_size: a.queue_size,
-                poll: a.dev.poll,
-            };
+            let cfg = a.dev.net_config(a.queues as usize, a.queue_size);
             let backends = a.dev.backend.open(cfg.queue_pairs)?;
             info!(
                 "vhost-user virtio-net: mac {} mtu {} queue pairs {} backend {}{}",
@@ -184,13 +191,8 @@ fn run(cmd: Command) -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         Command::Vduse(a) => {
-            let cfg = NetConfig {
-                mac: a.dev.mac.unwrap_or_else(device::random_mac),
-                mtu: a.dev.mtu,
-                queue_pairs: 1,
-                queue_size: a.queue_size,
-                poll: a.dev.poll,
-            };
+            // VDUSE serves one queue pair: the kernel refuses CTRL_VQ, so MQ.
+            let cfg = a.dev.net_config(1, a.queue_size);
             let backends = a.dev.backend.open(1)?;
             info!(
                 "VDUSE virtio-net {}: mac {} mtu {} backend {}{}",
