@@ -11,11 +11,34 @@ use std::sync::Arc;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
+/// One contiguous mapping: guest addresses `[gpa, gpa+len)` at `host`.
 #[derive(Clone, Copy, Debug)]
-struct Region {
+pub struct Region {
     gpa: u64,
     len: u64,
     host: *mut u8,
+}
+
+impl Region {
+    /// Covers nothing: every translation misses.
+    pub const NONE: Region = Region {
+        gpa: 0,
+        len: 0,
+        host: std::ptr::null_mut(),
+    };
+
+    /// Host address of `[gpa, gpa+len)` if it lies inside this region.
+    #[inline]
+    pub fn translate(&self, gpa: u64, len: u64) -> Option<*mut u8> {
+        let off = gpa.wrapping_sub(self.gpa);
+        // off < self.len rules out gpa below the start (it wraps high).
+        if off < self.len && len <= self.len - off {
+            // SAFETY: [off, off+len) is inside the region's mapping.
+            Some(unsafe { self.host.add(off as usize) })
+        } else {
+            None
+        }
+    }
 }
 
 /// Keeps whatever owns the mappings alive while a view exists.
@@ -104,20 +127,14 @@ impl MemView {
 
     /// The region holding `gpa`: (guest start, length, host start).
     #[inline]
-    pub fn region(&self, gpa: u64) -> Option<(u64, u64, *mut u8)> {
-        self.find(gpa).map(|r| (r.gpa, r.len, r.host))
+    pub fn region(&self, gpa: u64) -> Option<Region> {
+        self.find(gpa).copied()
     }
 
     /// Host pointer for `[gpa, gpa+len)`, which must lie in one region.
     #[inline]
     pub fn translate(&self, gpa: u64, len: u64) -> Option<*mut u8> {
-        let r = self.find(gpa)?;
-        let off = gpa - r.gpa;
-        if len > r.len - off {
-            return None;
-        }
-        // SAFETY: off < r.len, inside the mapping.
-        Some(unsafe { r.host.add(off as usize) })
+        self.find(gpa)?.translate(gpa, len)
     }
 
     /// Host pointer for `gpa` and how many bytes from there stay in the same

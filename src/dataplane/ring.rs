@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{fence, AtomicU16, Ordering};
 
-use super::mem::MemView;
+use super::mem::{MemView, Region};
 
 pub const VRING_DESC_F_NEXT: u16 = 1;
 pub const VRING_DESC_F_WRITE: u16 = 2;
@@ -180,35 +180,7 @@ pub struct SplitRing {
     /// come from one pool, so `pop` checks this before searching the
     /// table. A ring lives no longer than the MemView it was translated
     /// with, so this cannot outlive a memory-table change.
-    hot: HotRegion,
-}
-
-#[derive(Clone, Copy)]
-struct HotRegion {
-    gpa: u64,
-    len: u64,
-    host: *mut u8,
-}
-
-impl HotRegion {
-    const NONE: HotRegion = HotRegion {
-        gpa: 0,
-        len: 0,
-        host: std::ptr::null_mut(),
-    };
-
-    /// Host address of `[gpa, gpa+len)` if it lies inside this region.
-    #[inline]
-    fn translate(&self, gpa: u64, len: u64) -> Option<*mut u8> {
-        let off = gpa.wrapping_sub(self.gpa);
-        // off < self.len rules out gpa below the start (it wraps high).
-        if off < self.len && len <= self.len - off {
-            // SAFETY: [off, off+len) is inside the region's mapping.
-            Some(unsafe { self.host.add(off as usize) })
-        } else {
-            None
-        }
-    }
+    hot: Region,
 }
 
 // SAFETY: the pointers refer to guest memory kept mapped by the MemView the
@@ -248,7 +220,7 @@ impl SplitRing {
             next_used: 0,
             signalled_used: 0,
             avail_cache: 0,
-            hot: HotRegion::NONE,
+            hot: Region::NONE,
         })
     }
 
@@ -371,8 +343,8 @@ impl SplitRing {
         {
             let host = match self.hot.translate(d.addr, d.len as u64) {
                 Some(h) => Some(h),
-                None => mem.region(d.addr).and_then(|(gpa, len, host)| {
-                    self.hot = HotRegion { gpa, len, host };
+                None => mem.region(d.addr).and_then(|r| {
+                    self.hot = r;
                     self.hot.translate(d.addr, d.len as u64)
                 }),
             };
