@@ -17,7 +17,6 @@
 //! frame into the tap (the host stack receives it), `rx_burst` reads frames the
 //! host stack sent out of the tap.
 
-use std::ffi::CString;
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -118,11 +117,7 @@ fn check_ifname(ifname: &str) -> Result<()> {
 }
 
 fn if_exists(ifname: &str) -> bool {
-    let Ok(c) = CString::new(ifname) else {
-        return false;
-    };
-    // SAFETY: c is a valid NUL-terminated string.
-    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+    crate::if_index(ifname).is_some()
 }
 
 /// `tun_flags` of an existing tun/tap device, from sysfs.

@@ -15,7 +15,6 @@ mod bpf;
 mod ring;
 mod xsk;
 
-use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -117,12 +116,7 @@ fn ifindex(ifname: &str) -> Result<u32> {
     if ifname.is_empty() || ifname.len() >= libc::IFNAMSIZ {
         return Err(missing());
     }
-    let c = CString::new(ifname).map_err(|_| missing())?;
-    // SAFETY: c is a valid NUL-terminated string.
-    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
-        0 => Err(missing()),
-        i => Ok(i),
-    }
+    crate::if_index(ifname).ok_or_else(missing)
 }
 
 /// Number of RX queues, from sysfs; None if sysfs does not say (then the
