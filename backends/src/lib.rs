@@ -14,7 +14,9 @@ use std::str::FromStr;
 
 pub mod af_xdp;
 pub mod loopback;
+pub mod sriov;
 pub mod tap;
+pub mod vf;
 
 /// Size of `struct virtio_net_hdr_v1` (VERSION_1 / MRG_RXBUF layout).
 pub const VNET_HDR_LEN: usize = 12;
@@ -138,6 +140,8 @@ pub enum BackendSpec {
     Vf {
         pf: String,
         index: u32,
+        /// Port VLAN the PF tags the VF's traffic with (0 = untagged).
+        vlan: Option<u16>,
     },
 }
 
@@ -173,7 +177,13 @@ impl fmt::Display for BackendSpec {
                 };
                 write!(f, "af-xdp,ifname={ifname},queue={queue},mode={m}")
             }
-            BackendSpec::Vf { pf, index } => write!(f, "vf,pf={pf},index={index}"),
+            BackendSpec::Vf { pf, index, vlan } => {
+                write!(f, "vf,pf={pf},index={index}")?;
+                match vlan {
+                    Some(v) => write!(f, ",vlan={v}"),
+                    None => Ok(()),
+                }
+            }
         }
     }
 }
@@ -268,10 +278,20 @@ impl FromStr for BackendSpec {
                 })
             }
             "vf" => {
-                allow(&["pf", "index"])?;
+                allow(&["pf", "index", "vlan"])?;
+                let vlan = match get("vlan") {
+                    None => None,
+                    Some(v) => Some(
+                        v.parse::<u16>()
+                            .ok()
+                            .filter(|&n| n <= 4095)
+                            .ok_or_else(|| err(format!("vlan={v}: expected 0..4095")))?,
+                    ),
+                };
                 Ok(BackendSpec::Vf {
                     pf: ifname("pf", None)?,
                     index: number("index", None)?,
+                    vlan,
                 })
             }
             "" => Err(err("empty backend spec".into())),
@@ -291,8 +311,23 @@ impl BackendSpec {
         }
     }
 
-    /// Open the backend: one [`Backend`] per queue pair.
+    /// Open the backend: one [`Backend`] per queue pair. A `vf` backend
+    /// opened this way keeps the VF's MAC as it is; see [`Self::open_with_mac`].
     pub fn open(&self, queue_pairs: usize) -> Result<Vec<Box<dyn Backend>>> {
+        self.open_inner(queue_pairs, None)
+    }
+
+    /// Open the backend for a device with MAC `mac`: a `vf` backend gives
+    /// its VF that MAC, so the NIC delivers the guest's frames to it.
+    pub fn open_with_mac(&self, queue_pairs: usize, mac: [u8; 6]) -> Result<Vec<Box<dyn Backend>>> {
+        self.open_inner(queue_pairs, Some(mac))
+    }
+
+    fn open_inner(
+        &self,
+        queue_pairs: usize,
+        mac: Option<[u8; 6]>,
+    ) -> Result<Vec<Box<dyn Backend>>> {
         match self {
             BackendSpec::Loopback => Ok((0..queue_pairs)
                 .map(|q| Box::new(loopback::Loopback::new(q)) as Box<dyn Backend>)
@@ -303,9 +338,7 @@ impl BackendSpec {
                 queue,
                 mode,
             } => af_xdp::open(ifname, *queue, *mode, queue_pairs),
-            BackendSpec::Vf { .. } => Err(Error::Other(
-                "the vf backend is not implemented yet (SR-IOV issue)".into(),
-            )),
+            BackendSpec::Vf { pf, index, vlan } => vf::open(pf, *index, *vlan, mac, queue_pairs),
         }
     }
 }
@@ -346,7 +379,18 @@ mod tests {
             "vf,pf=eth0,index=3".parse::<BackendSpec>().unwrap(),
             BackendSpec::Vf {
                 pf: "eth0".into(),
-                index: 3
+                index: 3,
+                vlan: None
+            }
+        );
+        assert_eq!(
+            "vf,pf=eth0,index=0,vlan=4095"
+                .parse::<BackendSpec>()
+                .unwrap(),
+            BackendSpec::Vf {
+                pf: "eth0".into(),
+                index: 0,
+                vlan: Some(4095)
             }
         );
     }
@@ -366,6 +410,11 @@ mod tests {
             "af-xdp,ifname=v,queue=x",
             "af-xdp,ifname=v,mode=fast",
             "vf,pf=eth0",
+            "vf,pf=eth0,index=0,vlan=4096",
+            "vf,pf=eth0,index=0,vlan=-1",
+            "vf,pf=eth0,index=0,vlan=",
+            "vf,pf=eth0,index=0,qos=1",
+            "vf,index=0",
             "loopback,x=1",
         ] {
             let e = bad.parse::<BackendSpec>().unwrap_err();
@@ -383,6 +432,7 @@ mod tests {
             "tap,ifname=x",
             "af-xdp,ifname=v,queue=2,mode=copy",
             "vf,pf=p,index=1",
+            "vf,pf=p,index=1,vlan=42",
         ] {
             let spec: BackendSpec = s.parse().unwrap();
             assert_eq!(spec.to_string().parse::<BackendSpec>().unwrap(), spec);
