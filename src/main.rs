@@ -6,6 +6,7 @@ mod device;
 mod frontend;
 mod shutdown;
 mod stats;
+mod vf_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +37,8 @@ enum Command {
     VhostUser(VhostUserArgs),
     /// Serve a virtio-net device as a VDUSE (vDPA) device in this kernel.
     Vduse(VduseArgs),
+    /// SR-IOV: list VFs, enable them, set a VF's MAC/VLAN/trust/link.
+    Vf(vf_cmd::VfArgs),
 }
 
 #[derive(Args, Debug)]
@@ -50,7 +53,8 @@ struct DeviceArgs {
     #[arg(long)]
     poll: bool,
     /// Where packets go: loopback | tap[,ifname=NAME] |
-    /// af-xdp,ifname=NAME[,queue=Q][,mode=copy|zerocopy|auto] | vf,pf=NAME,index=N
+    /// af-xdp,ifname=NAME[,queue=Q][,mode=copy|zerocopy|auto] |
+    /// vf,pf=NAME,index=N[,vlan=ID]
     #[arg(long, default_value = "tap,ifname=vfr0", value_parser = parse_backend)]
     backend: BackendSpec,
 }
@@ -158,7 +162,10 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose);
-    shutdown::install();
+    // The vf commands are one-shot: Ctrl-C may simply end them.
+    if !matches!(cli.cmd, Command::Vf(_)) {
+        shutdown::install();
+    }
     match run(cli.cmd) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -172,7 +179,7 @@ fn run(cmd: Command) -> Result<(), Box<dyn std::error::Error>> {
     match cmd {
         Command::VhostUser(a) => {
             let cfg = a.dev.net_config(a.queues as usize, a.queue_size);
-            let backends = a.dev.backend.open(cfg.queue_pairs)?;
+            let backends = a.dev.backend.open_with_mac(cfg.queue_pairs, cfg.mac)?;
             info!(
                 "vhost-user virtio-net: mac {} mtu {} queue pairs {} backend {}{}",
                 device::format_mac(&cfg.mac),
@@ -193,7 +200,7 @@ fn run(cmd: Command) -> Result<(), Box<dyn std::error::Error>> {
         Command::Vduse(a) => {
             // VDUSE serves one queue pair: the kernel refuses CTRL_VQ, so MQ.
             let cfg = a.dev.net_config(1, a.queue_size);
-            let backends = a.dev.backend.open(1)?;
+            let backends = a.dev.backend.open_with_mac(1, cfg.mac)?;
             info!(
                 "VDUSE virtio-net {}: mac {} mtu {} backend {}{}",
                 a.name,
@@ -212,6 +219,7 @@ fn run(cmd: Command) -> Result<(), Box<dyn std::error::Error>> {
             info!("stopped");
             Ok(())
         }
+        Command::Vf(a) => vf_cmd::run(a),
     }
 }
 
@@ -301,6 +309,54 @@ mod tests {
     }
 
     #[test]
+    fn vf_cli() {
+        let vf = |args: &[&str]| {
+            let Command::Vf(a) = parse(args).unwrap().cmd else {
+                panic!("not vf")
+            };
+            format!("{:?}", a.cmd)
+        };
+        assert_eq!(
+            vf(&["vf", "list"]),
+            "List(ListArgs { pf: None, json: false })"
+        );
+        assert_eq!(
+            vf(&["vf", "list", "--pf", "eth0", "--json"]),
+            "List(ListArgs { pf: Some(\"eth0\"), json: true })"
+        );
+        assert_eq!(
+            vf(&["vf", "create", "--pf", "eth0", "--count", "7"]),
+            "Create(CreateArgs { pf: \"eth0\", count: 7 })"
+        );
+        let c = vf(&[
+            "vf",
+            "config",
+            "--pf",
+            "eth0",
+            "--index",
+            "1",
+            "--mac",
+            "52:54:00:6d:90:02",
+            "--vlan",
+            "42,qos=3",
+            "--spoofchk",
+            "off",
+            "--trust",
+            "on",
+            "--link",
+            "disable",
+        ]);
+        assert_eq!(
+            c,
+            "Config(ConfigArgs { pf: \"eth0\", index: 1, mac: Some([82, 84, 0, 109, 144, 2]), \
+             vlan: Some(Vlan { id: 42, qos: 3 }), spoofchk: Some(false), trust: Some(true), \
+             link: Some(Disable) })"
+        );
+        // One setting is enough.
+        assert!(parse(&["vf", "config", "--pf", "e", "--index", "0", "--link", "auto"]).is_ok());
+    }
+
+    #[test]
     fn cli_rejects_bad_input() {
         for args in [
             &["vhost-user"][..],
@@ -313,6 +369,35 @@ mod tests {
             &["vhost-user", "--socket", "/s", "--backend", "nope"],
             &["vhost-user", "--socket", "/s", "--backend", "tap,ifname="],
             &["frobnicate"],
+            &["vf"],
+            &["vf", "list", "--pf"],
+            &["vf", "create", "--pf", "eth0"],
+            &["vf", "create", "--count", "2"],
+            &["vf", "create", "--pf", "eth0", "--count", "-1"],
+            &["vf", "config", "--pf", "eth0", "--index", "0"],
+            &["vf", "config", "--pf", "eth0", "--mac", "52:54:00:00:00:01"],
+            &[
+                "vf", "config", "--pf", "eth0", "--index", "0", "--vlan", "4096",
+            ],
+            &[
+                "vf", "config", "--pf", "eth0", "--index", "0", "--vlan", "1,qos=8",
+            ],
+            &[
+                "vf", "config", "--pf", "eth0", "--index", "0", "--trust", "yes",
+            ],
+            &[
+                "vf", "config", "--pf", "eth0", "--index", "0", "--link", "up",
+            ],
+            &[
+                "vf",
+                "config",
+                "--pf",
+                "eth0",
+                "--index",
+                "0",
+                "--mac",
+                "01:00:5e:00:00:01",
+            ],
         ] {
             assert!(parse(args).is_err(), "{args:?}");
         }
