@@ -8,14 +8,15 @@ use std::io;
 use std::os::fd::AsRawFd;
 
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NlasIterator, NLM_F_ACK, NLM_F_ACK_TLVS,
-    NLM_F_REQUEST,
+    Emitable, ErrorBuffer, ErrorMessage, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload, Nla, NlasIterator, Parseable, ParseableParametrized, NLMSG_DONE, NLMSG_ERROR,
+    NLM_F_ACK, NLM_F_ACK_TLVS, NLM_F_REQUEST,
 };
 use netlink_packet_route::link::{
-    LinkAttribute, LinkExtentMask, LinkFlags, LinkMessage, LinkVfInfo, VfInfo, VfInfoLinkState,
-    VfInfoMac, VfInfoSpoofCheck, VfInfoTrust, VfInfoVlan, VfLinkState,
+    LinkAttribute, LinkExtentMask, LinkFlags, LinkHeader, LinkMessage, LinkVfInfo, VfInfo,
+    VfInfoLinkState, VfInfoMac, VfInfoSpoofCheck, VfInfoTrust, VfInfoVlan, VfLinkState,
 };
-use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 use super::{Error, LinkState, Result, VfConfig, VfSettings};
@@ -94,44 +95,51 @@ impl Rtnl {
         Ok(buf)
     }
 
-    /// Waits for the reply to request `seq`: the first inner message, or
-    /// the ack (None). A negative ack becomes the kernel's errno.
-    fn reply(&self, seq: u32, what: &str) -> Result<Option<RouteNetlinkMessage>> {
+    /// Waits for the reply to request `seq`: the first message that is
+    /// neither an ack nor an error, as (type, payload), or None for the
+    /// ack. A negative ack becomes the kernel's errno.
+    fn reply(&self, seq: u32, what: &str) -> Result<Option<(u16, Vec<u8>)>> {
+        let bad = |e: netlink_packet_core::DecodeError| {
+            Error::netlink(what, io::Error::other(e.to_string()), None)
+        };
         loop {
             let buf = self.recv_datagram(what)?;
             let mut off = 0;
-            while off < buf.len() {
-                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[off..])
-                    .map_err(|e| Error::netlink(what, io::Error::other(e.to_string()), None))?;
-                // deserialize checked 16 <= length <= what is left.
-                off += (msg.header.length as usize).div_ceil(4) * 4;
-                if msg.header.sequence_number != seq {
+            while let Some(rest) = buf.get(off..).filter(|r| !r.is_empty()) {
+                // Checked: 16 <= length <= what is left.
+                let nb = NetlinkBuffer::new_checked(rest).map_err(bad)?;
+                off += (nb.length() as usize).div_ceil(4) * 4;
+                if nb.sequence_number() != seq {
                     continue; // a late answer to an earlier request
                 }
-                match msg.payload {
-                    NetlinkPayload::Error(e) => {
-                        return match e.code {
-                            None => Ok(None),
-                            Some(_) => {
-                                let extack = if msg.header.flags & NLM_F_ACK_TLVS != 0 {
-                                    extack_message(&e.header)
-                                } else {
-                                    None
-                                };
-                                Err(Error::netlink(what, e.to_io(), extack))
-                            }
+                match nb.message_type() {
+                    NLMSG_ERROR => {
+                        let payload = nb.payload();
+                        let e = ErrorBuffer::new_checked(&payload)
+                            .and_then(|b| ErrorMessage::parse(&b))
+                            .map_err(bad)?;
+                        if e.code.is_none() {
+                            return Ok(None);
+                        }
+                        let extack = if nb.flags() & NLM_F_ACK_TLVS != 0 {
+                            extack_message(&e.header)
+                        } else {
+                            None
                         };
+                        return Err(Error::netlink(what, e.to_io(), extack));
                     }
-                    NetlinkPayload::InnerMessage(m) => return Ok(Some(m)),
-                    NetlinkPayload::Done(_) => return Ok(None),
-                    _ => {}
+                    NLMSG_DONE => return Ok(None),
+                    t if t < 16 => {} // other control messages (NOOP, OVERRUN)
+                    t => return Ok(Some((t, nb.payload().to_vec()))),
                 }
             }
         }
     }
 
-    /// The `RTM_NEWLINK` answer for interface `ifindex`, with VF info.
-    fn get_link(&mut self, ifindex: u32, what: &str) -> Result<LinkMessage> {
+    /// The `RTM_NEWLINK` answer for interface `ifindex` (with VF info):
+    /// its attributes, each parsed on its own so that one this crate
+    /// version cannot parse does not hide the others.
+    fn get_link(&mut self, ifindex: u32, what: &str) -> Result<Vec<(u16, Result<LinkAttribute>)>> {
         let mut m = LinkMessage::default();
         m.header.index = ifindex;
         m.attributes.push(LinkAttribute::ExtMask(vec![
@@ -139,19 +147,29 @@ impl Rtnl {
             LinkExtentMask::SkipStats,
         ]));
         let seq = self.send(RouteNetlinkMessage::GetLink(m), false, what)?;
-        match self.reply(seq, what)? {
-            Some(RouteNetlinkMessage::NewLink(l)) => Ok(l),
-            _ => Err(Error::netlink(
-                what,
-                io::Error::other("no RTM_NEWLINK in the kernel's answer"),
-                None,
-            )),
+        let bad = |m: String| Error::netlink(what, io::Error::other(m), None);
+        let payload = match self.reply(seq, what)? {
+            Some((t, p)) if t == libc::RTM_NEWLINK => p,
+            _ => return Err(bad("no RTM_NEWLINK in the kernel's answer".into())),
+        };
+        let header = LinkHeader::default().buffer_len();
+        let attrs = payload
+            .get(header..)
+            .ok_or_else(|| bad("short RTM_NEWLINK".into()))?;
+        let mut out = Vec::new();
+        for nla in NlasIterator::new(attrs) {
+            let nla = nla.map_err(|e| bad(e.to_string()))?;
+            let parsed = LinkAttribute::parse_with_param(&nla, AddressFamily::Unspec)
+                .map_err(|e| bad(e.to_string()));
+            out.push((nla.kind(), parsed));
         }
+        Ok(out)
     }
 
     /// `RTM_SETLINK` on `ifindex`, waiting for the kernel's ack.
     fn set_link(&mut self, m: LinkMessage, what: &str) -> Result<()> {
         let seq = self.send(RouteNetlinkMessage::SetLink(m), true, what)?;
+        // The kernel answers a SETLINK with an ack only.
         self.reply(seq, what).map(|_| ())
     }
 
@@ -160,11 +178,16 @@ impl Rtnl {
     pub fn vf_configs(&mut self, pf: &str) -> Result<Vec<VfConfig>> {
         let what = format!("reading VF settings of {pf}");
         let ifindex = ifindex(pf)?;
-        let link = self.get_link(ifindex, &what)?;
+        let vf_list = LinkAttribute::VfInfoList(Vec::new()).kind();
         let mut out = Vec::new();
-        for attr in link.attributes {
-            if let LinkAttribute::VfInfoList(list) = attr {
-                out.extend(list.iter().filter_map(vf_config));
+        for (kind, attr) in self.get_link(ifindex, &what)? {
+            match attr {
+                Ok(LinkAttribute::VfInfoList(list)) => {
+                    out.extend(list.iter().filter_map(vf_config))
+                }
+                // The one attribute wanted here must parse.
+                Err(e) if kind == vf_list => return Err(e),
+                _ => {}
             }
         }
         out.sort_by_key(|c| c.index);
@@ -288,7 +311,6 @@ fn vf_info(index: u32, s: &VfSettings) -> LinkVfInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use netlink_packet_core::{Emitable, Parseable};
 
     #[test]
     fn settings_round_trip_through_the_crate() {
