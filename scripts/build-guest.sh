@@ -43,6 +43,7 @@ MODULES=(
     virtio_pci virtio_net net_failover failover
     vdpa vduse virtio_vdpa vhost_vdpa vhost vhost_iotlb
     igb igbvf 8021q
+    vfio vfio_pci vfio_iommu_type1
     veth 9p 9pnet_virtio
 )
 BOOT_MODULES="virtio_pci,virtio_net"
