@@ -29,57 +29,15 @@ const CTR_IP: &str = "10.66.0.2";
 const PEER_IP: &str = "10.66.0.1";
 const FRAMES: u32 = 10_000;
 
-/// Copies the vfrelay binary and the shared libraries `ldd` names into
-/// `dir/root/...` (same paths as on the host, whose glibc the guest lacks).
-fn stage_binary(dir: &Path) {
-    let bin = common::vfrelay::bin();
-    let root = dir.join("root");
-    let put = |src: &Path, dst_rel: &str| {
-        let dst = root.join(dst_rel.trim_start_matches('/'));
-        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
-        std::fs::copy(src, &dst).unwrap_or_else(|e| panic!("copy {}: {e}", src.display()));
-    };
-    put(Path::new(bin), "/bin/vfrelay");
-    let ldd = common::run_ok("ldd", &[bin]);
-    for line in ldd.lines() {
-        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
-        // "/lib64/ld-linux-x86-64.so.2 (0x...)"
-        let path = match line.split_once("=>") {
-            Some((_, rest)) => rest.split_whitespace().next(),
-            None => line.split_whitespace().next(),
-        };
-        if let Some(p) = path.filter(|p| p.starts_with('/')) {
-            let real = std::fs::canonicalize(p).unwrap();
-            put(&real, p);
-        }
-    }
-}
-
 fn require_root() {
     assert!(common::is_root(), "the VDUSE test needs root (QEMU, 9p)");
-}
-
-/// Waits (in the guest) until `cond` (a shell test) holds; panics with the
-/// vfrelay log if it does not within `secs`.
-fn wait_guest(guest: &mut Guest, cond: &str, what: &str, timeout: u64) {
-    let (st, out) = guest.run_timeout(
-        &format!(
-            "i=0; while ! {cond}; do i=$((i+1)); [ $i -gt {} ] && exit_code=1 && break; sleep 0.2; done; [ -z \"$exit_code\" ]; r=$?; unset exit_code; [ $r = 0 ]",
-            timeout * 5
-        ),
-        secs(timeout + 30),
-    );
-    if st != 0 {
-        let log = guest.run("cat /tmp/vf.log").1;
-        panic!("{what}: not within {timeout}s\n{out}\n--- vfrelay log ---\n{log}");
-    }
 }
 
 fn udp_across(guest: &mut Guest, from_ns: &str, to_ns: &str, to_ip: &str, label: &str) {
     guest.ok(&format!(
         "nsenter -t ${to_ns} -n udpburst recv 5000 {FRAMES} 10 > /tmp/udp.out 2>&1 & echo $! > /tmp/udp.pid"
     ));
-    wait_guest(guest, "grep -q listening /tmp/udp.out", "UDP receiver", 10);
+    guest.wait_until("grep -q listening /tmp/udp.out", "UDP receiver", 10);
     let out = guest.run_timeout(
         &format!("nsenter -t ${from_ns} -n udpburst send {to_ip} 5000 {FRAMES} 512"),
         secs(300),
@@ -116,7 +74,11 @@ fn ping(guest: &mut Guest, ns: &str, ip: &str, size: u32, label: &str) {
 fn vduse_virtio_vdpa_vhost_vdpa_and_teardown() {
     require_root();
     let share = TempDir::new();
-    stage_binary(share.path());
+    common::guest::stage_program(
+        share.path(),
+        Path::new(common::vfrelay::bin()),
+        "/bin/vfrelay",
+    );
     let mut cfg = GuestConfig {
         append: "vfx.modules=vdpa,vduse,virtio_vdpa,vhost_vdpa,veth,9p,9pnet_virtio".into(),
         ..Default::default()
@@ -148,8 +110,7 @@ fn vduse_virtio_vdpa_vhost_vdpa_and_teardown() {
     g.ok(&format!(
         "RUST_LOG=debug vfrelay vduse --name {NAME} --attach virtio-vdpa --mac {MAC1} --backend af-xdp,ifname=vxa > /tmp/vf.log 2>&1 & echo $! > /tmp/vf.pid"
     ));
-    wait_guest(
-        &mut g,
+    g.wait_until(
         &format!("ls /sys/bus/vdpa/devices/{NAME}/virtio*/net/ >/dev/null 2>&1"),
         "virtio-net netdev from virtio_vdpa",
         60,
@@ -204,8 +165,7 @@ fn vduse_virtio_vdpa_vhost_vdpa_and_teardown() {
     g.ok(&format!(
         "RUST_LOG=debug vfrelay vduse --name {NAME} --attach vhost-vdpa --mac {MAC2} --backend loopback > /tmp/vf.log 2>&1 & echo $! > /tmp/vf.pid"
     ));
-    wait_guest(
-        &mut g,
+    g.wait_until(
         &format!("ls -d /sys/bus/vdpa/devices/{NAME}/vhost-vdpa-* >/dev/null 2>&1"),
         "vhost-vdpa device",
         60,
@@ -216,7 +176,7 @@ fn vduse_virtio_vdpa_vhost_vdpa_and_teardown() {
         ))
         .trim()
         .to_string();
-    wait_guest(&mut g, &format!("[ -c /dev/{vdev} ]"), "/dev node", 20);
+    g.wait_until(&format!("[ -c /dev/{vdev} ]"), "/dev node", 20);
     let probe = g.ok(&format!("vdpa_probe /dev/{vdev}"));
     eprintln!("vdpa_probe:\n{probe}");
     assert!(probe.contains("device_id 1\n"), "not virtio-net: {probe}");

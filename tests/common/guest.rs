@@ -110,6 +110,32 @@ impl GuestConfig {
     }
 }
 
+/// Copies host program `bin` to `dir/root/<dest>` and the shared libraries
+/// `ldd` names to the same paths under `dir/root` (the guest has no glibc),
+/// for a guest that copies `dir` in over a 9p share.
+pub fn stage_program(dir: &Path, bin: &Path, dest: &str) {
+    let root = dir.join("root");
+    let put = |src: &Path, dst_rel: &str| {
+        let dst = root.join(dst_rel.trim_start_matches('/'));
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        std::fs::copy(src, &dst).unwrap_or_else(|e| panic!("copy {}: {e}", src.display()));
+    };
+    put(bin, dest);
+    let ldd = super::run_ok("ldd", &[bin.to_str().unwrap()]);
+    for line in ldd.lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
+        // "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let path = match line.split_once("=>") {
+            Some((_, rest)) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            let real = std::fs::canonicalize(p).unwrap();
+            put(&real, p);
+        }
+    }
+}
+
 /// Paths of the built guest, running `scripts/build-guest.sh` once per test
 /// process (it returns at once when the guest is up to date).
 pub fn guest_images() -> (PathBuf, PathBuf) {
@@ -447,6 +473,23 @@ impl Guest {
                 return r;
             }
             std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Waits (in the guest) until `cond` (a shell test) holds; panics with
+    /// /tmp/vf.log (where guest tests put vfrelay's output) if it does not
+    /// within `timeout` seconds.
+    pub fn wait_until(&mut self, cond: &str, what: &str, timeout: u64) {
+        let (st, out) = self.run_timeout(
+            &format!(
+                "i=0; while ! {cond}; do i=$((i+1)); [ $i -gt {} ] && exit_code=1 && break; sleep 0.2; done; [ -z \"$exit_code\" ]; r=$?; unset exit_code; [ $r = 0 ]",
+                timeout * 5
+            ),
+            secs(timeout + 30),
+        );
+        if st != 0 {
+            let log = self.run("cat /tmp/vf.log").1;
+            panic!("{what}: not within {timeout}s\n{out}\n--- vfrelay log ---\n{log}");
         }
     }
 
