@@ -20,7 +20,8 @@
 //!   failure, e.g. an XDP program already attached, a queue missing)
 //! - `vf backend: VF I of PF (PCI): no netdev appeared within 5 s of binding it to DRIVER`
 //!   (after the rebind)
-//! - `vf backend: setting VF I of PF: ERRNO TEXT (os error N)[ (KERNEL EXTACK)]`
+//! - `vf backend: setting the MAC address of VF I of PF: ERRNO TEXT (os error N)[ (KERNEL EXTACK)]`
+//!   (`the VLAN` likewise)
 //! - `vf backend: setting NETDEV up: ERRNO TEXT (os error N)[ (KERNEL EXTACK)]`
 //! - `vf backend: SYSFS PATH: ERRNO TEXT` / `vf backend: SYSFS PATH: unexpected content '...'`
 //!

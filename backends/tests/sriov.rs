@@ -116,7 +116,7 @@ fn rtnetlink_on_a_veth() {
         .unwrap_err();
     let msg = err.to_string();
     assert!(
-        msg.starts_with(&format!("setting VF 0 of {}: ", v.a)),
+        msg.starts_with(&format!("setting the MAC address of VF 0 of {}: ", v.a)),
         "{msg}"
     );
     let sriov::Error::Netlink { source, .. } = &err else {

@@ -194,15 +194,20 @@ impl Rtnl {
         Ok(out)
     }
 
-    /// Applies `s` to VF `index` of `pf` in one `RTM_SETLINK`.
+    /// Applies `s` to VF `index` of `pf`, one `RTM_SETLINK` per setting:
+    /// the kernel stops at the first setting the PF driver refuses (igb
+    /// has no link state), and the error must say which one that was.
+    /// Settings before it stay applied.
     pub fn set_vf(&mut self, pf: &str, index: u32, s: &VfSettings) -> Result<()> {
-        let what = format!("setting VF {index} of {pf}");
         let ifindex = ifindex(pf)?;
-        let mut m = LinkMessage::default();
-        m.header.index = ifindex;
-        m.attributes
-            .push(LinkAttribute::VfInfoList(vec![vf_info(index, s)]));
-        self.set_link(m, &what)
+        for (name, attr) in vf_info(index, s) {
+            let mut m = LinkMessage::default();
+            m.header.index = ifindex;
+            m.attributes
+                .push(LinkAttribute::VfInfoList(vec![LinkVfInfo(vec![attr])]));
+            self.set_link(m, &format!("setting the {name} of VF {index} of {pf}"))?;
+        }
+        Ok(())
     }
 
     /// Sets netdev `name` administratively up.
@@ -277,24 +282,20 @@ fn vf_config(info: &LinkVfInfo) -> Option<VfConfig> {
     Some(c)
 }
 
-/// The IFLA_VF_INFO that applies `s` to VF `index`.
-fn vf_info(index: u32, s: &VfSettings) -> LinkVfInfo {
+/// The IFLA_VF_INFO attributes that apply `s` to VF `index`, each with
+/// the name of the setting (for errors), in the kernel's order.
+fn vf_info(index: u32, s: &VfSettings) -> Vec<(&'static str, VfInfo)> {
     let mut v = Vec::new();
     if let Some(mac) = s.mac {
-        v.push(VfInfo::Mac(VfInfoMac::new(index, &mac)));
+        v.push(("MAC address", VfInfo::Mac(VfInfoMac::new(index, &mac))));
     }
     if let Some((vlan, qos)) = s.vlan {
-        v.push(VfInfo::Vlan(VfInfoVlan::new(
-            index,
-            vlan.into(),
-            qos.into(),
-        )));
+        let vlan = VfInfoVlan::new(index, vlan.into(), qos.into());
+        v.push(("VLAN", VfInfo::Vlan(vlan)));
     }
     if let Some(on) = s.spoofchk {
-        v.push(VfInfo::SpoofCheck(VfInfoSpoofCheck::new(index, on)));
-    }
-    if let Some(on) = s.trust {
-        v.push(VfInfo::Trust(VfInfoTrust::new(index, on)));
+        let spoofchk = VfInfoSpoofCheck::new(index, on);
+        v.push(("spoof check", VfInfo::SpoofCheck(spoofchk)));
     }
     if let Some(l) = s.link_state {
         let state = match l {
@@ -303,9 +304,13 @@ fn vf_info(index: u32, s: &VfSettings) -> LinkVfInfo {
             LinkState::Disable => VfLinkState::Disable,
             LinkState::Other(n) => VfLinkState::Other(n),
         };
-        v.push(VfInfo::LinkState(VfInfoLinkState::new(index, state)));
+        let state = VfInfoLinkState::new(index, state);
+        v.push(("link state", VfInfo::LinkState(state)));
     }
-    LinkVfInfo(v)
+    if let Some(on) = s.trust {
+        v.push(("trust", VfInfo::Trust(VfInfoTrust::new(index, on))));
+    }
+    v
 }
 
 #[cfg(test)]
@@ -321,8 +326,13 @@ mod tests {
             trust: Some(true),
             link_state: Some(LinkState::Disable),
         };
-        let info = vf_info(5, &s);
-        assert_eq!(info.0.len(), 5);
+        let attrs = vf_info(5, &s);
+        let names: Vec<&str> = attrs.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            ["MAC address", "VLAN", "spoof check", "link state", "trust"]
+        );
+        let info = LinkVfInfo(attrs.into_iter().map(|(_, a)| a).collect());
         // Emit and parse again as the kernel's answer would be parsed.
         let attr = LinkAttribute::VfInfoList(vec![info]);
         let mut m = LinkMessage::default();
@@ -346,7 +356,7 @@ mod tests {
                 link_state: Some(LinkState::Disable),
             }
         );
-        assert_eq!(vf_info(0, &VfSettings::default()).0.len(), 0);
+        assert!(vf_info(0, &VfSettings::default()).is_empty());
         // Without MAC or VLAN nothing says which VF it is.
         assert_eq!(vf_config(&LinkVfInfo(vec![])), None);
     }
