@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use clap::{ArgGroup, Args, Subcommand};
-use serde_json::{json, Value};
+use serde::Serialize;
 use vfrelay_backends::sriov::{self, LinkState, PfReport, Sysfs, VfSettings};
 
 use crate::device;
@@ -114,7 +114,7 @@ pub fn run(a: VfArgs) -> Result<(), Box<dyn std::error::Error>> {
         VfCommand::List(l) => {
             let pfs = sriov::list(&sys, l.pf.as_deref())?;
             if l.json {
-                println!("{}", to_json(&pfs));
+                println!("{}", to_json(&pfs)?);
             } else {
                 print!("{}", table(&pfs));
             }
@@ -148,40 +148,69 @@ fn on_off(b: bool) -> &'static str {
     }
 }
 
-/// The `--json` document: `{"pfs":[...]}`; null where nothing is known.
-pub fn to_json(pfs: &[PfReport]) -> Value {
-    let pfs: Vec<Value> = pfs
-        .iter()
-        .map(|pf| {
-            let vfs: Vec<Value> = pf
-                .vfs
-                .iter()
-                .map(|vf| {
-                    let c = vf.config.clone().unwrap_or_default();
-                    json!({
-                        "index": vf.index,
-                        "pci": vf.pci,
-                        "netdev": vf.netdev,
-                        "driver": vf.driver,
-                        "mac": c.mac.map(|m| device::format_mac(&m)),
-                        "vlan": c.vlan,
-                        "qos": c.qos,
-                        "spoofchk": c.spoofchk,
-                        "trust": c.trust,
-                        "link_state": c.link_state.map(|l| l.to_string()),
+/// The `--json` document, fields in this order; null where nothing is
+/// known.
+#[derive(Serialize)]
+struct JsonDoc {
+    pfs: Vec<JsonPf>,
+}
+
+#[derive(Serialize)]
+struct JsonPf {
+    name: String,
+    pci: Option<String>,
+    total_vfs: u32,
+    num_vfs: u32,
+    vfs: Vec<JsonVf>,
+}
+
+#[derive(Serialize)]
+struct JsonVf {
+    index: u32,
+    pci: Option<String>,
+    netdev: Option<String>,
+    driver: Option<String>,
+    mac: Option<String>,
+    vlan: Option<u32>,
+    qos: Option<u32>,
+    spoofchk: Option<bool>,
+    trust: Option<bool>,
+    link_state: Option<String>,
+}
+
+/// `{"pfs":[...]}` for `vfrelay vf list --json`.
+pub fn to_json(pfs: &[PfReport]) -> serde_json::Result<String> {
+    let doc = JsonDoc {
+        pfs: pfs
+            .iter()
+            .map(|pf| JsonPf {
+                name: pf.name.clone(),
+                pci: pf.pci.clone(),
+                total_vfs: pf.total_vfs,
+                num_vfs: pf.num_vfs,
+                vfs: pf
+                    .vfs
+                    .iter()
+                    .map(|vf| {
+                        let c = vf.config.clone().unwrap_or_default();
+                        JsonVf {
+                            index: vf.index,
+                            pci: vf.pci.clone(),
+                            netdev: vf.netdev.clone(),
+                            driver: vf.driver.clone(),
+                            mac: c.mac.map(|m| device::format_mac(&m)),
+                            vlan: c.vlan,
+                            qos: c.qos,
+                            spoofchk: c.spoofchk,
+                            trust: c.trust,
+                            link_state: c.link_state.map(|l| l.to_string()),
+                        }
                     })
-                })
-                .collect();
-            json!({
-                "name": pf.name,
-                "pci": pf.pci,
-                "total_vfs": pf.total_vfs,
-                "num_vfs": pf.num_vfs,
-                "vfs": vfs,
+                    .collect(),
             })
-        })
-        .collect();
-    json!({ "pfs": pfs })
+            .collect(),
+    };
+    serde_json::to_string(&doc)
 }
 
 /// The human listing: one header line per PF, then a VF table.
@@ -255,6 +284,7 @@ pub fn table(pfs: &[PfReport]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
     use vfrelay_backends::sriov::{VfConfig, VfReport};
 
     fn sample() -> Vec<PfReport> {
@@ -309,7 +339,7 @@ mod tests {
 
     #[test]
     fn json_shape() {
-        let v = to_json(&sample());
+        let v: Value = serde_json::from_str(&to_json(&sample()).unwrap()).unwrap();
         let want: Value = serde_json::from_str(
             r#"{"pfs":[
               {"name":"eth0","pci":"0000:00:03.0","total_vfs":7,"num_vfs":2,"vfs":[
@@ -323,11 +353,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v, want);
-        assert_eq!(to_json(&[]).to_string(), r#"{"pfs":[]}"#);
+        assert_eq!(to_json(&[]).unwrap(), r#"{"pfs":[]}"#);
+        // Field order as documented (Value comparison ignores it).
+        assert!(to_json(&sample()).unwrap().starts_with(
+            r#"{"pfs":[{"name":"eth0","pci":"0000:00:03.0","total_vfs":7,"num_vfs":2,"vfs":[{"index":0,"pci":"0000:01:10.0","netdev":"eth1","driver":"igbvf","mac":"52:54:00:6d:90:02","vlan":42,"qos":3,"spoofchk":true,"trust":false,"link_state":"auto"}"#
+        ));
         // A VF the PF driver said nothing about: settings are null.
         let mut pfs = sample();
         pfs[0].vfs[0].config = None;
-        let v = to_json(&pfs);
+        let v: Value = serde_json::from_str(&to_json(&pfs).unwrap()).unwrap();
         let vf = &v["pfs"][0]["vfs"][0];
         for k in ["mac", "vlan", "qos", "spoofchk", "trust", "link_state"] {
             assert!(vf[k].is_null(), "{k}");
