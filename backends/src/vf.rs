@@ -1,7 +1,8 @@
 //! `vf,pf=NAME,index=N[,vlan=ID]`: AF_XDP on VF N of SR-IOV PF NAME.
 //!
 //! Opening it finds the VF's netdev, sets the VF's admin MAC (held by the
-//! PF driver) to the virtio device's MAC and the VLAN if one is given,
+//! PF driver) to the virtio device's MAC and the port VLAN if one is given
+//! (priority 0; without `vlan=` the VF's VLAN is left as it is),
 //! makes the VF netdev carry that MAC (a driver rebind if needed: igb only
 //! hands an admin MAC to a VF at probe), brings the netdev up and opens the
 //! [`af_xdp`](crate::af_xdp) backend on it, queues 0.. .
@@ -18,7 +19,7 @@
 //!   (attaching the XDP program failed in native and generic mode)
 //! - `vf backend: VF I of PF (NETDEV): af-xdp: ...` (any other AF_XDP
 //!   failure, e.g. an XDP program already attached, a queue missing)
-//! - `vf backend: VF I of PF (PCI): no netdev appeared within 5 s of binding it to DRIVER`
+//! - `vf backend: VF I of PF (PCI): no netdev appeared within 10 s of binding it to DRIVER`
 //!   (after the rebind)
 //! - `vf backend: setting the MAC address of VF I of PF: ERRNO TEXT (os error N)[ (KERNEL EXTACK)]`
 //!   (`the VLAN` likewise)
@@ -36,8 +37,9 @@ use log::{info, warn};
 use crate::sriov::{self, Rtnl, Sysfs, VfSettings};
 use crate::{af_xdp, Backend, Error, Result, XdpMode};
 
-/// How long a rebound VF driver gets to bring its netdev back.
-const REBIND_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a rebound VF driver gets to bring its netdev back (igbvf in a
+/// TCG guest took about 2 s).
+const REBIND_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn fmt_mac(m: &[u8; 6]) -> String {
     m.iter()
