@@ -13,6 +13,8 @@
 //! - `vf backend: 'PF' is not an SR-IOV PF (no sriov_totalvfs)`
 //! - `vf backend: VF I of PF is not enabled (PF has N VFs; run 'vfrelay vf create --pf PF --count I+1')`
 //!   (`has 1 VF` when N is 1; the count is I+1 written out)
+//! - `vf backend: VF I of PF does not exist (PF supports T VFs: 0 to T-1)`
+//!   (I at or beyond sriov_totalvfs)
 //! - `vf backend: VF I of PF (PCI) is bound to DRIVER, not a network driver; bind it to its VF driver`
 //! - `vf backend: VF I of PF (PCI) has no driver bound; bind it to its VF driver`
 //! - `vf backend: VF I of PF (NETDEV) has no XDP support: REASON`

@@ -37,6 +37,12 @@ pub enum Error {
         index: u32,
         enabled: u32,
     },
+    #[error(
+        "VF {index} of {pf} does not exist ({pf} supports {} VFs: 0 to {})",
+        total,
+        total.saturating_sub(1)
+    )]
+    NoSuchVf { pf: String, index: u32, total: u32 },
     #[error("VF {index} of {pf} ({pci}) has no driver bound; bind it to its VF driver")]
     NoDriver { pf: String, index: u32, pci: String },
     #[error(
@@ -276,14 +282,7 @@ fn num_vfs_writes(current: u32, n: u32) -> Vec<u32> {
 /// VF `index` of `pf` and the name of its netdev; fails with what is
 /// missing (PF, SR-IOV, the VF itself, a network driver).
 pub fn vf_netdev(sys: &Sysfs, pf: &str, index: u32) -> Result<(VfSysfs, String)> {
-    let (_, enabled) = sys.vf_counts(pf)?;
-    if index >= enabled {
-        return Err(Error::NotEnabled {
-            pf: pf.to_string(),
-            index,
-            enabled,
-        });
-    }
+    check_vf_index(sys, pf, index)?;
     let vf = sys.vf(pf, index)?;
     match (&vf.netdev, &vf.driver) {
         (Some(n), _) => {
@@ -304,9 +303,17 @@ pub fn vf_netdev(sys: &Sysfs, pf: &str, index: u32) -> Result<(VfSysfs, String)>
     }
 }
 
-/// Checks that VF `index` of `pf` is enabled (for `vfrelay vf config`).
+/// Checks that VF `index` of `pf` exists and is enabled.
 pub fn check_vf_index(sys: &Sysfs, pf: &str, index: u32) -> Result<()> {
-    let (_, enabled) = sys.vf_counts(pf)?;
+    let (total, enabled) = sys.vf_counts(pf)?;
+    if index >= total {
+        // Suggesting `vf create --count index+1` would only fail again.
+        return Err(Error::NoSuchVf {
+            pf: pf.to_string(),
+            index,
+            total,
+        });
+    }
     if index >= enabled {
         return Err(Error::NotEnabled {
             pf: pf.to_string(),
@@ -359,10 +366,15 @@ mod tests {
             e("eth0", 3),
             "VF 3 of eth0 is not enabled (eth0 has 3 VFs; run 'vfrelay vf create --pf eth0 --count 4')"
         );
+        // Beyond sriov_totalvfs (7): creating more VFs cannot help.
+        assert_eq!(
+            e("eth0", 7),
+            "VF 7 of eth0 does not exist (eth0 supports 7 VFs: 0 to 6)"
+        );
         assert_eq!(
             e("eth0", u32::MAX),
             format!(
-                "VF {} of eth0 is not enabled (eth0 has 3 VFs; run 'vfrelay vf create --pf eth0 --count 4294967296')",
+                "VF {} of eth0 does not exist (eth0 supports 7 VFs: 0 to 6)",
                 u32::MAX
             )
         );
