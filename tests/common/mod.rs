@@ -5,6 +5,8 @@
 //! - [`guest`]: the tier-3 QEMU guest built by `scripts/build-guest.sh`,
 //!   driven through its serial console.
 //! - [`vfrelay`]: the `vfrelay` binary as a child process guard.
+//! - [`wire`]: a raw-socket peer on a tap in a namespace (ARP, ping, UDP,
+//!   VLAN tags), the far end of an emulated NIC.
 //!
 //! Every name a test creates on the machine (namespaces, interfaces, temp
 //! directories) starts with `vfxc<pid>`, so leftovers of a killed test run can
@@ -17,6 +19,7 @@ pub mod dpdk;
 pub mod guest;
 pub mod netns;
 pub mod vfrelay;
+pub mod wire;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
