@@ -240,18 +240,11 @@ fn sriov_vf_management_and_vf_port() {
 
     // --- 2. a VDUSE port on VF 0 ---
     g.ok("unshare -n sleep 100000 & echo $! > /tmp/ctr.pid; sleep 0.3; ctr=$(cat /tmp/ctr.pid)");
-    g.ok(&format!(
-        "RUST_LOG=info vfrelay vduse --name {NAME} --attach virtio-vdpa --mac {VF_MAC} --backend vf,pf={PF},index=0,vlan={VLAN} > /tmp/vf.log 2>&1 & echo $! > /tmp/vf.pid"
-    ));
-    g.wait_until(
-        &format!("ls /sys/bus/vdpa/devices/{NAME}/virtio*/net/ >/dev/null 2>&1"),
-        "virtio-net netdev from virtio_vdpa",
+    let ifname = g.start_vduse_netdev(
+        NAME,
+        &format!("--mac {VF_MAC} --backend vf,pf={PF},index=0,vlan={VLAN}"),
         90,
     );
-    let ifname = g
-        .ok(&format!("ls /sys/bus/vdpa/devices/{NAME}/virtio*/net/"))
-        .trim()
-        .to_string();
     let vfdev = g
         .ok(&format!("ls /sys/class/net/{PF}/device/virtfn0/net/"))
         .trim()

@@ -107,21 +107,10 @@ fn vduse_virtio_vdpa_vhost_vdpa_and_teardown() {
     ));
 
     // --- 1. virtio-vdpa ---
-    g.ok(&format!(
-        "RUST_LOG=debug vfrelay vduse --name {NAME} --attach virtio-vdpa --mac {MAC1} --backend af-xdp,ifname=vxa > /tmp/vf.log 2>&1 & echo $! > /tmp/vf.pid"
-    ));
-    g.wait_until(
-        &format!("ls /sys/bus/vdpa/devices/{NAME}/virtio*/net/ >/dev/null 2>&1"),
-        "virtio-net netdev from virtio_vdpa",
+    let ifname = g.start_vduse_netdev(
+        NAME,
+        &format!("--mac {MAC1} --backend af-xdp,ifname=vxa"),
         60,
-    );
-    let ifname = g
-        .ok(&format!("ls /sys/bus/vdpa/devices/{NAME}/virtio*/net/"))
-        .trim()
-        .to_string();
-    assert!(
-        !ifname.is_empty() && !ifname.contains(' '),
-        "netdev: {ifname:?}"
     );
     let mac = g.ok(&format!("cat /sys/class/net/{ifname}/address"));
     assert!(mac.contains(MAC1), "netdev MAC {mac}, want {MAC1}");

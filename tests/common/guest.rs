@@ -493,6 +493,29 @@ impl Guest {
         }
     }
 
+    /// Starts `vfrelay vduse --name NAME --attach virtio-vdpa ARGS` in the
+    /// background (output in /tmp/vf.log, pid in /tmp/vf.pid; vfrelay staged
+    /// into the guest) and returns the virtio-net netdev virtio_vdpa made.
+    pub fn start_vduse_netdev(&mut self, name: &str, args: &str, timeout: u64) -> String {
+        self.ok(&format!(
+            "RUST_LOG=debug vfrelay vduse --name {name} --attach virtio-vdpa {args} > /tmp/vf.log 2>&1 & echo $! > /tmp/vf.pid"
+        ));
+        self.wait_until(
+            &format!("ls /sys/bus/vdpa/devices/{name}/virtio*/net/ >/dev/null 2>&1"),
+            "virtio-net netdev from virtio_vdpa",
+            timeout,
+        );
+        let ifname = self
+            .ok(&format!("ls /sys/bus/vdpa/devices/{name}/virtio*/net/"))
+            .trim()
+            .to_string();
+        assert!(
+            !ifname.is_empty() && !ifname.contains(char::is_whitespace),
+            "netdev: {ifname:?}"
+        );
+        ifname
+    }
+
     /// The QMP monitor of this QEMU (connected on first use).
     pub fn qmp(&mut self) -> &mut Qmp {
         if self.qmp.is_none() {
