@@ -4,6 +4,7 @@
 //! cargo bench --bench packet_rate                 # full run, ~16 min
 //! cargo bench --bench packet_rate -- --smoke      # every configuration ~2 s
 //! cargo bench --bench packet_rate -- --only loopback --reps 3 --sizes 64
+//! cargo bench --bench packet_rate -- --only af-xdp --dir guest-to-wire
 //! ```
 //!
 //! Writes `benches/results/<stamp>/{report.md,plot.svg,samples.csv}` and the
@@ -25,6 +26,7 @@ fn main() {
     let mut secs = None;
     let mut sizes = None;
     let mut queues = None;
+    let mut dirs = Vec::new();
     let mut exe = PathBuf::from(env!("CARGO_BIN_EXE_vfrelay"));
     let mut out = root.join("benches/results");
     while let Some(a) = args.next() {
@@ -55,18 +57,21 @@ fn main() {
                         .collect(),
                 )
             }
+            "--dir" => dirs.push(val("guest-to-wire|wire-to-guest")),
             // Another build, e.g. to compare a change against its parent.
             "--vfrelay" => exe = PathBuf::from(val("path")),
             "--out" => out = PathBuf::from(val("dir")),
             other => panic!(
                 "unknown argument {other}: [--smoke] [--only SCENARIO]... [--reps N] \
-                 [--secs S] [--sizes 64,1518] [--queues 1,2] [--vfrelay PATH] [--out DIR]"
+                 [--secs S] [--sizes 64,1518] [--queues 1,2] [--dir guest-to-wire|wire-to-guest]... \
+                 [--vfrelay PATH] [--out DIR]"
             ),
         }
     }
     let raw = out.join("raw");
     let mut cfg = harness::Config::new(smoke, out, raw, exe);
     cfg.only = only;
+    cfg.dirs = dirs;
     if let Some(r) = reps {
         cfg.reps = r;
     }

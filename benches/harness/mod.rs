@@ -44,6 +44,9 @@ pub struct Config {
     pub sizes: Vec<usize>,
     /// Queue pairs of the loopback scenario.
     pub loopback_queues: Vec<usize>,
+    /// Directions of the af-xdp and tap scenarios (both when empty):
+    /// guest-to-wire, wire-to-guest.
+    pub dirs: Vec<String>,
 }
 
 impl Config {
@@ -66,6 +69,7 @@ impl Config {
                 SIZES.to_vec()
             },
             loopback_queues: vec![1, 2],
+            dirs: Vec::new(),
         }
     }
 
@@ -591,6 +595,9 @@ pub fn run_all(cfg: &Config) -> PathBuf {
             (Dir::GuestToWire, "guest-to-wire"),
             (Dir::WireToGuest, "wire-to-guest"),
         ] {
+            if !cfg.dirs.is_empty() && !cfg.dirs.iter().any(|d| d == what) {
+                continue;
+            }
             eprintln!("{name} {what}");
             let net = if wire == Wire::AfXdp {
                 veth_net()
