@@ -406,11 +406,22 @@ impl Guest {
     pub fn run_timeout(&mut self, cmd: &str, timeout: Duration) -> (i32, String) {
         match self.try_run_timeout(cmd, timeout) {
             Some(r) => r,
-            None => panic!(
-                "guest {}: `{cmd}` did not finish within {timeout:?}\n{}",
-                self.name,
-                self.transcript()
-            ),
+            None => {
+                let transcript = self.transcript();
+                // init restarts a shell that died: ask the new one why (the
+                // console keeps kernel messages quiet).
+                let kernel = if transcript.contains("init: shell exited") {
+                    self.try_run_timeout("dmesg | tail -n 40", secs(20))
+                        .map(|(_, out)| format!("--- guest dmesg ---\n{out}"))
+                        .unwrap_or_default()
+                } else {
+                    String::new()
+                };
+                panic!(
+                    "guest {}: `{cmd}` did not finish within {timeout:?}\n{transcript}\n{kernel}",
+                    self.name
+                )
+            }
         }
     }
 
