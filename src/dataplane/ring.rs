@@ -134,12 +134,23 @@ fn prefetch_read(p: *const u8) {
 
 /// Prefetch with intent to write (PREFETCHW): the line arrives owned, so the
 /// copy into it does not wait for the other core to give it up.
+///
+/// Inline assembly because `_mm_prefetch::<_MM_HINT_ET0>` only becomes
+/// PREFETCHW when the crate is built with the `prfchw` target feature; the
+/// default x86-64 target silently emits a plain PREFETCHT0 (a read: the
+/// line arrives shared and the store still has to take it from the other
+/// core). PREFETCHW (0F 0D /1) is a hint-NOP on x86-64 CPUs without it.
 #[inline]
 fn prefetch_write(p: *const u8) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch never faults, whatever the address.
+    // SAFETY: a prefetch never faults and changes no architectural state,
+    // whatever the address.
     unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_ET0 }>(p as *const i8)
+        std::arch::asm!(
+            "prefetchw byte ptr [{0}]",
+            in(reg) p,
+            options(nostack, preserves_flags, readonly)
+        )
     };
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
