@@ -45,6 +45,7 @@ pub fn burst(
     let mut n = 0;
     let mut blocked = false;
     let mut pending = ring.pending()?;
+    ring.prefetch_used(pending.min(BURST as u16));
     while n < BURST {
         if pending == 0 {
             pending = ring.pending()?;
