@@ -541,6 +541,12 @@ fn serve_loop(
         net.begin_connection();
         let nq = 2 * net.inner.cfg.queue_pairs;
         for (i, h) in daemon.get_epoll_handlers().iter().enumerate() {
+            // Polling needs no backend wake-ups (the guest's first kick
+            // starts it), and a watched AF_XDP socket costs the kernel a
+            // wake-up per frame sent: about 9 % of guest-to-wire frame rate.
+            if net.inner.cfg.poll {
+                break;
+            }
             if let Some(Some(fd)) = net.inner.backend_fds.get(i) {
                 // Edge-triggered: the dataplane drains the backend on every
                 // event, and a guest without RX buffers must not make the

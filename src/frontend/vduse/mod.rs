@@ -509,7 +509,9 @@ fn worker(sh: Arc<Shared>, backend_fd: Option<RawFd>) {
         add(k.as_raw_fd(), libc::EPOLLIN as u32);
     }
     add(sh.wake.as_raw_fd(), libc::EPOLLIN as u32);
-    if let Some(fd) = backend_fd {
+    // Polling needs no backend wake-ups (a kick starts it), and a watched
+    // AF_XDP socket costs the kernel a wake-up per frame sent.
+    if let Some(fd) = backend_fd.filter(|_| !sh.poll) {
         // Edge-triggered: the dataplane drains the backend on every event,
         // and a driver without RX buffers must not make us spin.
         add(fd, (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLET) as u32);
