@@ -126,14 +126,10 @@ fn sriov_vf_management_and_vf_port() {
         format!("tap,id=wire,ifname={tap},script=no,downscript=no,vhost=off"),
         "-device".into(),
         "igb,netdev=wire,mac=52:54:00:aa:00:01".into(),
-        "-virtfs".into(),
-        format!(
-            "local,path={},mount_tag=vfx,security_model=none,readonly=on",
-            share.path().display()
-        ),
     ];
+    let cfg = cfg.share(share.path());
     let mut g = Guest::boot(&cfg);
-    g.ok("mkdir -p /mnt/vfx && mount -t 9p -o trans=virtio,version=9p2000.L vfx /mnt/vfx && cp -a /mnt/vfx/root/. / && umount /mnt/vfx");
+    g.install_share();
     let drv = g.ok(&format!(
         "basename $(readlink /sys/class/net/{PF}/device/driver)"
     ));

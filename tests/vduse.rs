@@ -84,15 +84,9 @@ fn vduse_virtio_vdpa_vhost_vdpa_and_teardown() {
         ..Default::default()
     };
     cfg.mem_mb = 768;
-    cfg.qemu_args = vec![
-        "-virtfs".into(),
-        format!(
-            "local,path={},mount_tag=vfx,security_model=none,readonly=on",
-            share.path().display()
-        ),
-    ];
+    let cfg = cfg.share(share.path());
     let mut g = Guest::boot(&cfg);
-    g.ok("mkdir -p /mnt/vfx && mount -t 9p -o trans=virtio,version=9p2000.L vfx /mnt/vfx && cp -a /mnt/vfx/root/. / && umount /mnt/vfx");
+    g.install_share();
     g.ok(
         "ls /dev/vduse/control /sys/bus/vdpa/drivers/virtio_vdpa /sys/bus/vdpa/drivers/vhost_vdpa",
     );

@@ -103,6 +103,20 @@ impl GuestConfig {
         }
     }
 
+    /// Shares host directory `dir` read-only over 9p (tag `vfx`); the guest
+    /// copies its `root/` over / with [`Guest::install_share`]. The guest
+    /// needs the 9p and 9pnet_virtio modules (`vfx.modules=`).
+    pub fn share(mut self, dir: &Path) -> Self {
+        self.qemu_args.extend([
+            "-virtfs".to_string(),
+            format!(
+                "local,path={},mount_tag=vfx,security_model=none,readonly=on",
+                dir.display()
+            ),
+        ]);
+        self
+    }
+
     /// Adds `vfx.ip=ADDR` (CIDR) for eth0 to the kernel command line.
     pub fn ip(mut self, cidr: &str) -> Self {
         self.append.push_str(&format!(" vfx.ip={cidr}"));
@@ -525,6 +539,11 @@ impl Guest {
             "netdev: {ifname:?}"
         );
         ifname
+    }
+
+    /// Copies the 9p share's `root/` (see [`GuestConfig::share`]) over /.
+    pub fn install_share(&mut self) {
+        self.ok("mkdir -p /mnt/vfx && mount -t 9p -o trans=virtio,version=9p2000.L vfx /mnt/vfx && cp -a /mnt/vfx/root/. / && umount /mnt/vfx");
     }
 
     /// The QMP monitor of this QEMU (connected on first use).
