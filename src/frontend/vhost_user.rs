@@ -15,7 +15,9 @@ use std::time::Duration;
 use log::{debug, error, info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringState, VringT};
+use vhost_user_backend::{
+    VhostUserBackend, VhostUserDaemon, VringEpollHandler, VringRwLock, VringState, VringT,
+};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -81,6 +83,9 @@ struct Inner {
     log_disabled_for_test: bool,
     /// A SEND_RARP waiting for the polling worker of queue pair 0.
     pending_rarp: Mutex<Option<[u8; 6]>>,
+    /// The current connection's worker epoll handlers (empty between
+    /// connections, so they and this struct don't keep each other alive).
+    handlers: Mutex<Vec<Arc<VringEpollHandler<VhostUserNet>>>>,
 }
 
 const NO_LOG_ADDR: u64 = u64::MAX;
@@ -90,7 +95,26 @@ pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
 /// migration; without it QEMU asks us to (SEND_RARP).
 pub const VIRTIO_NET_F_GUEST_ANNOUNCE: u64 = 1 << 21;
 
+/// How the backend fd is watched: edge-triggered, because the dataplane
+/// drains the backend on every event and a guest without RX buffers must
+/// not make the worker spin on a readable fd.
+const BACKEND_EVENTS: EventSet = EventSet::IN
+    .union(EventSet::OUT)
+    .union(EventSet::EDGE_TRIGGERED);
+
 impl VhostUserNet {
+    /// The epoll data of a backend fd: just past the daemon's own range.
+    fn backend_event(&self) -> u64 {
+        2 * self.inner.cfg.queue_pairs as u64 + 1
+    }
+
+    /// Queue pair `qp`'s epoll handler and backend fd, if it has one.
+    fn backend_watch(&self, qp: usize) -> Option<(Arc<VringEpollHandler<VhostUserNet>>, i32)> {
+        let fd = (*self.inner.backend_fds.get(qp)?)?;
+        let h = self.inner.handlers.lock().unwrap().get(qp)?.clone();
+        Some((h, fd))
+    }
+
     pub fn new(
         cfg: NetConfig,
         offloads: u64,
@@ -120,6 +144,7 @@ impl VhostUserNet {
                 log_disabled_for_test: std::env::var_os("VFRELAY_TEST_DISABLE_DIRTY_LOG")
                     .is_some_and(|v| v == "1"),
                 pending_rarp: Mutex::new(None),
+                handlers: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -357,7 +382,22 @@ impl VhostUserBackend for VhostUserNet {
             tx,
         };
         if self.inner.cfg.poll {
+            // The backend fd only has to start polling: while we poll, a
+            // watched AF_XDP socket would make the kernel run this epoll's
+            // wake-up for every frame it frees after transmit (~9 % of
+            // guest-to-wire frame rate).
+            let watch = self.backend_watch(thread_id);
+            if let Some((h, fd)) = &watch {
+                if let Err(e) = h.unregister_listener(*fd, BACKEND_EVENTS, self.backend_event()) {
+                    debug!("queue pair {thread_id}: unwatching backend: {e}");
+                }
+            }
             qp.run_poll(&access, &self.inner.stop);
+            if let Some((h, fd)) = &watch {
+                if let Err(e) = h.register_listener(*fd, BACKEND_EVENTS, self.backend_event()) {
+                    warn!("queue pair {thread_id}: watching backend again: {e}");
+                }
+            }
         } else {
             qp.run_event(&access);
         }
@@ -539,26 +579,14 @@ fn serve_loop(
         )
         .map_err(|e| Error::Daemon(e.to_string()))?;
         net.begin_connection();
-        let nq = 2 * net.inner.cfg.queue_pairs;
-        for (i, h) in daemon.get_epoll_handlers().iter().enumerate() {
-            // Polling needs no backend wake-ups (the guest's first kick
-            // starts it), and a watched AF_XDP socket costs the kernel a
-            // wake-up per frame sent: about 9 % of guest-to-wire frame rate.
-            if net.inner.cfg.poll {
-                break;
-            }
+        let handlers = daemon.get_epoll_handlers();
+        for (i, h) in handlers.iter().enumerate() {
             if let Some(Some(fd)) = net.inner.backend_fds.get(i) {
-                // Edge-triggered: the dataplane drains the backend on every
-                // event, and a guest without RX buffers must not make the
-                // worker spin on a readable fd.
-                h.register_listener(
-                    *fd,
-                    EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
-                    nq as u64 + 1,
-                )
-                .map_err(|e| Error::Daemon(format!("watching backend fd: {e}")))?;
+                h.register_listener(*fd, BACKEND_EVENTS, net.backend_event())
+                    .map_err(|e| Error::Daemon(format!("watching backend fd: {e}")))?;
             }
         }
+        *net.inner.handlers.lock().unwrap() = handlers;
 
         let relay = match start_relayed(&mut daemon, front, net.inner.clone()) {
             Ok(r) => r,
@@ -580,6 +608,7 @@ fn serve_loop(
         shutdown::set_handle(None);
         relay.finish();
         net.end_connection();
+        net.inner.handlers.lock().unwrap().clear();
         // Dropping the daemon stops and joins its worker threads.
         drop(daemon);
         net.log_stats();

@@ -509,12 +509,11 @@ fn worker(sh: Arc<Shared>, backend_fd: Option<RawFd>) {
         add(k.as_raw_fd(), libc::EPOLLIN as u32);
     }
     add(sh.wake.as_raw_fd(), libc::EPOLLIN as u32);
-    // Polling needs no backend wake-ups (a kick starts it), and a watched
-    // AF_XDP socket costs the kernel a wake-up per frame sent.
-    if let Some(fd) = backend_fd.filter(|_| !sh.poll) {
-        // Edge-triggered: the dataplane drains the backend on every event,
-        // and a driver without RX buffers must not make us spin.
-        add(fd, (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLET) as u32);
+    // Edge-triggered: the dataplane drains the backend on every event, and
+    // a driver without RX buffers must not make us spin.
+    let backend_events = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLET) as u32;
+    if let Some(fd) = backend_fd {
+        add(fd, backend_events);
     }
     let mut events = [libc::epoll_event { events: 0, u64: 0 }; 8];
     let access = VdPair(&sh);
@@ -534,8 +533,18 @@ fn worker(sh: Arc<Shared>, backend_fd: Option<RawFd>) {
         }
         let mut qp = sh.qp.lock().unwrap();
         if sh.poll {
+            // The backend fd only has to start polling: while we poll, a
+            // watched AF_XDP socket would make the kernel run this epoll's
+            // wake-up for every frame it frees after transmit.
+            if let Some(fd) = backend_fd {
+                // SAFETY: a plain epoll_ctl on fds that outlive this thread.
+                unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+            }
             qp.run_poll(&access, &sh.stop);
             qp.reset();
+            if let Some(fd) = backend_fd {
+                add(fd, backend_events);
+            }
         } else {
             qp.run_event(&access);
         }
