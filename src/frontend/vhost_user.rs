@@ -269,12 +269,18 @@ impl RingPairAccess for VuPair<'_> {
         self.inner.acked.load(Ordering::Relaxed)
     }
     fn round(&self, f: &mut RoundFn<'_>) -> usize {
-        let mem = self.inner.mem.read().unwrap().clone();
         let (rx_log, tx_log) = (self.log_addr(2 * self.qp), self.log_addr(2 * self.qp + 1));
         // Held for one burst: GET_VRING_BASE waits for it, so the ring base
         // it reports is consistent with what was used.
         let mut rx = self.rx.get_mut();
         let mut tx = self.tx.get_mut();
+        // Read only now that the rings are locked: the front end sends its
+        // memory table before it makes a ring ready, so a ring seen ready
+        // here is in this view. Read before the locks, a worker preempted
+        // in between (it shares a core with the message thread when pinned)
+        // saw a ring made ready meanwhile against the old, empty view and
+        // stopped it as "not in guest memory".
+        let mem = self.inner.mem.read().unwrap().clone();
         f(
             &mem,
             &mut VuRing(&mut rx, rx_log),
