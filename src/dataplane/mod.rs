@@ -50,20 +50,19 @@ pub trait RingCtl {
     }
 }
 
-/// The per-round work the dataplane hands a frontend: memory, RX ring, TX ring.
-pub type RoundFn<'a> = dyn FnMut(&Arc<MemView>, &mut dyn RingCtl, &mut dyn RingCtl) -> usize + 'a;
+/// The per-round work the dataplane hands a frontend: memory, the dirty log
+/// (only while the front end has logging on), RX ring, TX ring.
+pub type RoundFn<'a> =
+    dyn FnMut(&Arc<MemView>, Option<&DirtyLog>, &mut dyn RingCtl, &mut dyn RingCtl) -> usize + 'a;
 
 /// Gives the dataplane one consistent look at a queue pair per round: the
 /// frontend locks its rings (once per burst, never per packet) and passes
-/// the current memory view.
+/// the current memory view and dirty log. Logging may start or stop
+/// between bursts, never within one.
 pub trait RingPairAccess {
     /// Features the driver acked (may change, e.g. LOG_ALL at migration).
     fn features(&self) -> u64;
     fn round(&self, f: &mut RoundFn<'_>) -> usize;
-    /// The dirty log, only while the front end has logging on (LOG_ALL).
-    fn dirty_log(&self) -> Option<Arc<DirtyLog>> {
-        None
-    }
     /// A MAC to announce (RARP) that a polling worker should send; event
     /// mode frontends call [`QueuePair::announce`] directly.
     fn take_announce(&self) -> Option<[u8; 6]> {
@@ -370,16 +369,10 @@ impl QueuePair {
     pub fn run_event(&mut self, rings: &dyn RingPairAccess) {
         self.sync_features(rings.features());
         loop {
-            // The log is looked up per round: logging may start or stop
-            // between bursts (SET_FEATURES with or without LOG_ALL).
-            while {
-                let log = rings.dirty_log();
-                rings.round(&mut |m, rx, tx| self.round(m, log.as_deref(), rx, tx)) > 0
-            } {}
-            let log = rings.dirty_log();
-            let again = rings.round(&mut |m, rx, tx| {
+            while rings.round(&mut |m, log, rx, tx| self.round(m, log, rx, tx)) > 0 {}
+            let again = rings.round(&mut |m, log, rx, tx| {
                 self.set_kicks(m, rx, tx, true);
-                let n = self.round(m, log.as_deref(), rx, tx);
+                let n = self.round(m, log, rx, tx);
                 if n > 0 {
                     self.set_kicks(m, rx, tx, false);
                 }
@@ -412,14 +405,13 @@ impl QueuePair {
             }
             rounds = rounds.wrapping_add(1);
             let mut active = false;
-            let log = rings.dirty_log();
-            let n = rings.round(&mut |m, rx, tx| {
+            let n = rings.round(&mut |m, log, rx, tx| {
                 active = rx.active() || tx.active();
                 if !armed && active {
                     self.set_kicks(m, rx, tx, false);
                     armed = true;
                 }
-                self.round(m, log.as_deref(), rx, tx)
+                self.round(m, log, rx, tx)
             });
             if n == 0 {
                 idle_rounds += 1;

@@ -85,12 +85,10 @@ impl RingPairAccess for Guest {
     fn features(&self) -> u64 {
         self.features
     }
-    fn dirty_log(&self) -> Option<Arc<dirty_log::DirtyLog>> {
-        self.log.clone()
-    }
     fn round(&self, f: &mut RoundFn<'_>) -> usize {
         f(
             &self.view,
+            self.log.as_deref(),
             &mut *self.rx_ctl.borrow_mut(),
             &mut *self.tx_ctl.borrow_mut(),
         )

@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -78,6 +78,8 @@ struct Inner {
     logging: AtomicBool,
     /// Per vring: where used-ring writes are logged (NO_LOG_ADDR: nowhere).
     vring_log: Vec<AtomicU64>,
+    /// Per queue pair: bursts begun plus bursts ended, odd while one runs.
+    bursts: Vec<AtomicU64>,
     /// Test-only: pretend to log (VFRELAY_TEST_DISABLE_DIRTY_LOG=1), so the
     /// migration test can show it catches a missing log.
     log_disabled_for_test: bool,
@@ -141,6 +143,7 @@ impl VhostUserNet {
                 vring_log: (0..2 * queue_pairs)
                     .map(|_| AtomicU64::new(NO_LOG_ADDR))
                     .collect(),
+                bursts: (0..queue_pairs).map(|_| AtomicU64::new(0)).collect(),
                 log_disabled_for_test: std::env::var_os("VFRELAY_TEST_DISABLE_DIRTY_LOG")
                     .is_some_and(|v| v == "1"),
                 pending_rarp: Mutex::new(None),
@@ -259,7 +262,7 @@ struct VuPair<'a> {
 
 impl VuPair<'_> {
     fn log_addr(&self, vring: usize) -> Option<u64> {
-        let a = self.inner.vring_log.get(vring)?.load(Ordering::Relaxed);
+        let a = self.inner.vring_log.get(vring)?.load(Ordering::SeqCst);
         (a != NO_LOG_ADDR).then_some(a)
     }
 }
@@ -269,6 +272,12 @@ impl RingPairAccess for VuPair<'_> {
         self.inner.acked.load(Ordering::Relaxed)
     }
     fn round(&self, f: &mut RoundFn<'_>) -> usize {
+        // Odd from before the log is looked up until the burst's last write
+        // is marked: Inner::wait_for_bursts relies on it. Only this queue
+        // pair's worker (holding its QueuePair) gets here.
+        let bursts = &self.inner.bursts[self.qp];
+        let begun = bursts.fetch_add(1, Ordering::SeqCst);
+        let log = self.inner.active_log();
         let (rx_log, tx_log) = (self.log_addr(2 * self.qp), self.log_addr(2 * self.qp + 1));
         // Held for one burst: GET_VRING_BASE waits for it, so the ring base
         // it reports is consistent with what was used.
@@ -281,14 +290,14 @@ impl RingPairAccess for VuPair<'_> {
         // saw a ring made ready meanwhile against the old, empty view and
         // stopped it as "not in guest memory".
         let mem = self.inner.mem.read().unwrap().clone();
-        f(
+        let n = f(
             &mem,
+            log.as_deref(),
             &mut VuRing(&mut rx, rx_log),
             &mut VuRing(&mut tx, tx_log),
-        )
-    }
-    fn dirty_log(&self) -> Option<Arc<DirtyLog>> {
-        self.inner.active_log()
+        );
+        bursts.store(begun + 2, Ordering::Release);
+        n
     }
     fn take_announce(&self) -> Option<[u8; 6]> {
         if self.qp != 0 {
@@ -323,6 +332,9 @@ impl VhostUserBackend for VhostUserNet {
         if self.inner.logging.swap(on, Ordering::SeqCst) != on {
             if on && self.inner.log_disabled_for_test {
                 warn!("dirty-page logging requested but disabled for testing: migration WILL corrupt guest memory");
+            }
+            if on {
+                self.inner.wait_for_bursts();
             }
             info!("dirty-page logging {}", if on { "on" } else { "off" });
         }
@@ -471,10 +483,35 @@ pub fn run(net: VhostUserNet, socket: &Path, client: bool) -> Result<(), Error> 
 impl Inner {
     /// The log to mark, only while the front end has LOG_ALL on.
     fn active_log(&self) -> Option<Arc<DirtyLog>> {
-        if !self.logging.load(Ordering::Relaxed) || self.log_disabled_for_test {
+        if !self.logging.load(Ordering::SeqCst) || self.log_disabled_for_test {
             return None;
         }
         self.log.read().unwrap().clone()
+    }
+
+    /// After logging was turned on or moved (LOG_ALL, SET_LOG_BASE, a used
+    /// ring log address): return once every burst that may have looked at
+    /// the old setting has ended. QEMU takes the reply to such a request
+    /// as "from now on every write is logged" and then reads (or frees) the
+    /// log; a burst still writing under the old setting would slip past it.
+    fn wait_for_bursts(&self) {
+        // The change (an atomic or a lock) before any count is read.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        for (qp, b) in self.bursts.iter().enumerate() {
+            let seen = b.load(Ordering::SeqCst);
+            if seen % 2 == 0 {
+                continue;
+            }
+            while b.load(Ordering::SeqCst) == seen {
+                if Instant::now() > deadline {
+                    warn!("queue pair {qp}: a burst did not end within 1 s of a dirty-log change");
+                    break;
+                }
+                // The worker may share this core: let it finish.
+                std::thread::yield_now();
+            }
+        }
     }
 }
 
@@ -486,6 +523,7 @@ impl relay::Hooks for Inner {
                 // Replaces (and, once the workers let go, unmaps) any
                 // earlier log: QEMU sends a new one when guest memory grows.
                 *self.log.write().unwrap() = Some(Arc::new(l));
+                self.wait_for_bursts();
                 true
             }
             Err(e) => {
@@ -498,6 +536,9 @@ impl relay::Hooks for Inner {
     fn set_vring_log(&self, index: u32, log_addr: Option<u64>) {
         if let Some(v) = self.vring_log.get(index as usize) {
             v.store(log_addr.unwrap_or(NO_LOG_ADDR), Ordering::SeqCst);
+            if log_addr.is_some() {
+                self.wait_for_bursts();
+            }
         }
     }
 
@@ -651,6 +692,58 @@ mod tests {
             .map(|q| Box::new(vfrelay_backends::loopback::Loopback::new(q)) as _)
             .collect();
         VhostUserNet::new(cfg, 0, backends)
+    }
+
+    #[test]
+    fn turning_logging_on_waits_for_the_burst_in_flight() {
+        use relay::Hooks;
+        let n = net();
+        let fd = memfd(4096);
+        // Idle workers: nothing to wait for.
+        let t = Instant::now();
+        assert!(n.inner.set_log_base(&fd, 4096, 0));
+        n.acked_features(VIRTIO_F_VERSION_1 | VHOST_F_LOG_ALL);
+        assert!(t.elapsed() < Duration::from_millis(500));
+        n.acked_features(VIRTIO_F_VERSION_1);
+
+        // A burst that began before LOG_ALL (count odd) may not have seen
+        // it: the ack must wait until that burst has ended.
+        n.inner.bursts[0].store(1, Ordering::SeqCst);
+        let inner = n.inner.clone();
+        let ender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            inner.bursts[0].store(2, Ordering::Release);
+        });
+        let t = Instant::now();
+        n.acked_features(VIRTIO_F_VERSION_1 | VHOST_F_LOG_ALL);
+        let waited = t.elapsed();
+        ender.join().unwrap();
+        assert!(
+            waited >= Duration::from_millis(150),
+            "returned after {waited:?}"
+        );
+
+        // Same for a new log and for a used-ring log address.
+        for change in 0..2 {
+            n.inner.bursts[0].store(3, Ordering::SeqCst);
+            let inner = n.inner.clone();
+            let ender = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                inner.bursts[0].store(4, Ordering::Release);
+            });
+            let t = Instant::now();
+            if change == 0 {
+                assert!(n.inner.set_log_base(&fd, 4096, 0));
+            } else {
+                n.inner.set_vring_log(0, Some(0x1000));
+            }
+            let waited = t.elapsed();
+            ender.join().unwrap();
+            assert!(
+                waited >= Duration::from_millis(150),
+                "change {change}: {waited:?}"
+            );
+        }
     }
 
     #[test]

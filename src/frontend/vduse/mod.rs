@@ -242,7 +242,9 @@ impl RingPairAccess for VdPair<'_> {
             event_idx,
             dev: &sh.dev,
         };
-        f(&mem, &mut rx, &mut tx)
+        // No dirty log: VDUSE has none (vhost-vdpa migrates through QEMU's
+        // shadow virtqueues).
+        f(&mem, None, &mut rx, &mut tx)
     }
 }
 
