@@ -706,42 +706,28 @@ mod tests {
         assert!(t.elapsed() < Duration::from_millis(500));
         n.acked_features(VIRTIO_F_VERSION_1);
 
-        // A burst that began before LOG_ALL (count odd) may not have seen
-        // it: the ack must wait until that burst has ended.
-        n.inner.bursts[0].store(1, Ordering::SeqCst);
-        let inner = n.inner.clone();
-        let ender = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(200));
-            inner.bursts[0].store(2, Ordering::Release);
-        });
-        let t = Instant::now();
-        n.acked_features(VIRTIO_F_VERSION_1 | VHOST_F_LOG_ALL);
-        let waited = t.elapsed();
-        ender.join().unwrap();
-        assert!(
-            waited >= Duration::from_millis(150),
-            "returned after {waited:?}"
-        );
-
-        // Same for a new log and for a used-ring log address.
-        for change in 0..2 {
-            n.inner.bursts[0].store(3, Ordering::SeqCst);
+        // A burst that began before the change (count odd) may not have
+        // seen it: each change returns only after that burst has ended.
+        let changes: [&dyn Fn(); 3] = [
+            &|| n.acked_features(VIRTIO_F_VERSION_1 | VHOST_F_LOG_ALL),
+            &|| assert!(n.inner.set_log_base(&fd, 4096, 0)),
+            &|| n.inner.set_vring_log(0, Some(0x1000)),
+        ];
+        for (i, change) in changes.iter().enumerate() {
+            let odd = 2 * i as u64 + 1;
+            n.inner.bursts[0].store(odd, Ordering::SeqCst);
             let inner = n.inner.clone();
             let ender = std::thread::spawn(move || {
                 std::thread::sleep(Duration::from_millis(200));
-                inner.bursts[0].store(4, Ordering::Release);
+                inner.bursts[0].store(odd + 1, Ordering::Release);
             });
             let t = Instant::now();
-            if change == 0 {
-                assert!(n.inner.set_log_base(&fd, 4096, 0));
-            } else {
-                n.inner.set_vring_log(0, Some(0x1000));
-            }
+            change();
             let waited = t.elapsed();
             ender.join().unwrap();
             assert!(
                 waited >= Duration::from_millis(150),
-                "change {change}: {waited:?}"
+                "change {i} returned after {waited:?}"
             );
         }
     }
