@@ -284,18 +284,9 @@ fn sriov_vf_management_and_vf_port() {
     );
 
     // Wire -> container: UDP sent by the peer, counted in the container.
-    g.ok(&format!(
-        "nsenter -t $ctr -n udpburst recv 5001 {FRAMES} 15 > /tmp/udp.out 2>&1 & echo $! > /tmp/udp.pid"
-    ));
-    g.wait_until("grep -q listening /tmp/udp.out", "UDP receiver", 10);
+    g.udp_recv_start("ctr", 5001, FRAMES, 15);
     peer.send_udp(VF_MAC_BYTES, [10, 77, 0, 2], 5001, FRAMES, 512);
-    g.run_timeout("wait $(cat /tmp/udp.pid)", secs(60));
-    let got = g.ok("cat /tmp/udp.out");
-    assert!(
-        got.contains(&format!("unique {FRAMES}")),
-        "container got: {got}\n--- vfrelay log ---\n{}",
-        g.run("cat /tmp/vf.log").1
-    );
+    g.udp_recv_finish(FRAMES, "wire -> container UDP");
 
     let seen = peer.seen();
     eprintln!("wire peer saw:\n{seen}");

@@ -34,10 +34,7 @@ fn require_root() {
 }
 
 fn udp_across(guest: &mut Guest, from_ns: &str, to_ns: &str, to_ip: &str, label: &str) {
-    guest.ok(&format!(
-        "nsenter -t ${to_ns} -n udpburst recv 5000 {FRAMES} 10 > /tmp/udp.out 2>&1 & echo $! > /tmp/udp.pid"
-    ));
-    guest.wait_until("grep -q listening /tmp/udp.out", "UDP receiver", 10);
+    guest.udp_recv_start(to_ns, 5000, FRAMES, 10);
     let out = guest.run_timeout(
         &format!("nsenter -t ${from_ns} -n udpburst send {to_ip} 5000 {FRAMES} 512"),
         secs(300),
@@ -48,13 +45,7 @@ fn udp_across(guest: &mut Guest, from_ns: &str, to_ns: &str, to_ip: &str, label:
         "{label}: {}",
         out.1
     );
-    guest.run_timeout("wait $(cat /tmp/udp.pid)", secs(60));
-    let got = guest.ok("cat /tmp/udp.out");
-    assert!(
-        got.contains(&format!("unique {FRAMES}")),
-        "{label}: frames lost: {got}\n--- vfrelay log ---\n{}",
-        guest.run("cat /tmp/vf.log").1
-    );
+    let got = guest.udp_recv_finish(FRAMES, label);
     eprintln!("{label}: {}", got.trim());
 }
 

@@ -518,6 +518,30 @@ impl Guest {
         }
     }
 
+    /// Starts `udpburst recv` (a guest tool) in the namespace whose holder
+    /// pid is in shell variable `ns`, and returns once it listens. Its
+    /// report goes to /tmp/udp.out, its pid to /tmp/udp.pid.
+    pub fn udp_recv_start(&mut self, ns: &str, port: u16, frames: u32, idle_secs: u32) {
+        self.ok(&format!(
+            "nsenter -t ${ns} -n udpburst recv {port} {frames} {idle_secs} > /tmp/udp.out 2>&1 & echo $! > /tmp/udp.pid"
+        ));
+        self.wait_until("grep -q listening /tmp/udp.out", "UDP receiver", 10);
+    }
+
+    /// Waits for the receiver of [`udp_recv_start`](Self::udp_recv_start)
+    /// to end and returns its report; panics (with vfrelay's log) unless
+    /// all `frames` arrived.
+    pub fn udp_recv_finish(&mut self, frames: u32, label: &str) -> String {
+        self.run_timeout("wait $(cat /tmp/udp.pid)", secs(60));
+        let got = self.ok("cat /tmp/udp.out");
+        assert!(
+            got.contains(&format!("unique {frames}")),
+            "{label}: frames lost: {got}\n--- vfrelay log ---\n{}",
+            self.run("cat /tmp/vf.log").1
+        );
+        got
+    }
+
     /// Starts `vfrelay vduse --name NAME --attach virtio-vdpa ARGS` in the
     /// background (output in /tmp/vf.log, pid in /tmp/vf.pid; vfrelay staged
     /// into the guest) and returns the virtio-net netdev virtio_vdpa made.
