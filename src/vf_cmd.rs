@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use clap::{ArgGroup, Args, Subcommand};
 use serde::Serialize;
-use vfrelay_backends::sriov::{self, LinkState, PfReport, Sysfs, VfSettings};
+use vfrelay_sriov::{self as sriov, LinkState, PfReport, Sysfs, VfSettings};
 
 use crate::device;
 
@@ -285,7 +285,7 @@ pub fn table(pfs: &[PfReport]) -> String {
 mod tests {
     use super::*;
     use serde_json::Value;
-    use vfrelay_backends::sriov::{VfConfig, VfReport};
+    use vfrelay_sriov::{VfConfig, VfReport};
 
     fn sample() -> Vec<PfReport> {
         vec![

@@ -14,7 +14,6 @@ use std::str::FromStr;
 
 pub mod af_xdp;
 pub mod loopback;
-pub mod sriov;
 pub mod tap;
 pub mod vf;
 

@@ -36,8 +36,8 @@ use std::time::Duration;
 
 use log::{info, warn};
 
-use crate::sriov::{self, Rtnl, Sysfs, VfSettings};
 use crate::{af_xdp, Backend, Error, Result, XdpMode};
+use vfrelay_sriov::{self as sriov, Rtnl, Sysfs, VfSettings};
 
 /// How long a rebound VF driver gets to bring its netdev back (igbvf in a
 /// TCG guest took about 2 s).

@@ -1,6 +1,11 @@
 //! SR-IOV VF management, shared by the `vfrelay vf` commands and the `vf`
 //! backend: sysfs for PFs, VF counts and where each VF sits ([`sysfs`]),
 //! rtnetlink for the per-VF settings the PF driver holds ([`netlink`]).
+//!
+//! This is control plane, not a backend: it moves no packets. It creates
+//! VFs, sets what the PF driver holds for each (MAC, VLAN, spoof check,
+//! trust, link state) and finds a VF's netdev; the `vf` backend in
+//! `vfrelay-backends` then runs AF_XDP on that netdev.
 
 pub mod netlink;
 pub mod sysfs;

@@ -1,7 +1,7 @@
 //! SR-IOV library and `vf` backend on this host, which has no SR-IOV NIC:
 //! the exact errors for a missing PF and a netdev that is not a PF, and
 //! rtnetlink against a real kernel on a veth. Needs root (CAP_NET_ADMIN):
-//! `cargo nextest run -p vfrelay-backends --test sriov --run-ignored all`.
+//! `cargo nextest run -p vfrelay-sriov --test sriov --run-ignored all`.
 //! Real VFs are exercised inside a QEMU guest with an emulated igb.
 //!
 //! Each test makes its own veth pair `vfsr<pid><tag>a`/`...b` in the root
@@ -9,8 +9,8 @@
 
 use std::process::Command;
 
-use vfrelay_backends::sriov::{self, LinkState, Rtnl, Sysfs, VfSettings};
 use vfrelay_backends::BackendSpec;
+use vfrelay_sriov::{self as sriov, LinkState, Rtnl, Sysfs, VfSettings};
 
 /// A veth pair, deleted on drop (also on panic).
 struct Veth {

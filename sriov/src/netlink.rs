@@ -19,7 +19,7 @@ use netlink_packet_route::link::{
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
-use super::{Error, LinkState, Result, VfConfig, VfSettings};
+use crate::{Error, LinkState, Result, VfConfig, VfSettings};
 
 /// `nlmsgerr` TLV carrying the kernel's extended-ack text.
 const NLMSGERR_ATTR_MSG: u16 = 1;
@@ -229,7 +229,12 @@ impl Rtnl {
 }
 
 fn ifindex(name: &str) -> Result<u32> {
-    crate::if_index(name).ok_or_else(|| Error::NoSuchNetdev(name.to_string()))
+    let c = std::ffi::CString::new(name).map_err(|_| Error::NoSuchNetdev(name.to_string()))?;
+    // SAFETY: c is a valid NUL-terminated string.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(Error::NoSuchNetdev(name.to_string())),
+        i => Ok(i),
+    }
 }
 
 /// The text of `NLMSGERR_ATTR_MSG` in a capped error payload (the echoed

@@ -9,7 +9,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::{Error, Result};
+use crate::{Error, Result};
 
 /// A sysfs tree: `/sys` unless a test points it elsewhere.
 #[derive(Debug, Clone, PartialEq, Eq)]
