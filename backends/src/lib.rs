@@ -17,24 +17,28 @@ pub mod loopback;
 pub mod tap;
 pub mod vf;
 
-/// Size of `struct virtio_net_hdr_v1` (VERSION_1 / MRG_RXBUF layout).
-pub const VNET_HDR_LEN: usize = 12;
+/// Size of `struct virtio_net_hdr_v1` (VERSION_1 / MRG_RXBUF layout): 12.
+pub const VNET_HDR_LEN: usize =
+    std::mem::size_of::<virtio_bindings::virtio_net::virtio_net_hdr_v1>();
 
 /// Largest frame any backend hands over: a 64 KiB GSO frame plus header.
 pub const MAX_FRAME_LEN: usize = 65536 + VNET_HDR_LEN + 14 + 4;
 
-/// virtio-net feature bits a backend can serve (subset of VIRTIO_NET_F_*).
+/// virtio-net feature bits a backend can serve (subset of VIRTIO_NET_F_*),
+/// as masks of the spec's bit numbers.
 pub mod features {
-    pub const CSUM: u64 = 1 << 0;
-    pub const GUEST_CSUM: u64 = 1 << 1;
-    pub const GUEST_TSO4: u64 = 1 << 7;
-    pub const GUEST_TSO6: u64 = 1 << 8;
-    pub const GUEST_ECN: u64 = 1 << 9;
-    pub const GUEST_UFO: u64 = 1 << 10;
-    pub const HOST_TSO4: u64 = 1 << 11;
-    pub const HOST_TSO6: u64 = 1 << 12;
-    pub const HOST_ECN: u64 = 1 << 13;
-    pub const HOST_UFO: u64 = 1 << 14;
+    use virtio_bindings::virtio_net as vn;
+
+    pub const CSUM: u64 = 1 << vn::VIRTIO_NET_F_CSUM;
+    pub const GUEST_CSUM: u64 = 1 << vn::VIRTIO_NET_F_GUEST_CSUM;
+    pub const GUEST_TSO4: u64 = 1 << vn::VIRTIO_NET_F_GUEST_TSO4;
+    pub const GUEST_TSO6: u64 = 1 << vn::VIRTIO_NET_F_GUEST_TSO6;
+    pub const GUEST_ECN: u64 = 1 << vn::VIRTIO_NET_F_GUEST_ECN;
+    pub const GUEST_UFO: u64 = 1 << vn::VIRTIO_NET_F_GUEST_UFO;
+    pub const HOST_TSO4: u64 = 1 << vn::VIRTIO_NET_F_HOST_TSO4;
+    pub const HOST_TSO6: u64 = 1 << vn::VIRTIO_NET_F_HOST_TSO6;
+    pub const HOST_ECN: u64 = 1 << vn::VIRTIO_NET_F_HOST_ECN;
+    pub const HOST_UFO: u64 = 1 << vn::VIRTIO_NET_F_HOST_UFO;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -422,6 +426,15 @@ mod tests {
                 "{bad}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn feature_masks_and_header_size_match_the_spec() {
+        use features::*;
+        assert_eq!(VNET_HDR_LEN, 12);
+        assert_eq!(CSUM | GUEST_CSUM, 0b11);
+        assert_eq!(GUEST_TSO4 | GUEST_TSO6 | GUEST_ECN | GUEST_UFO, 0b1111 << 7);
+        assert_eq!(HOST_TSO4 | HOST_TSO6 | HOST_ECN | HOST_UFO, 0b1111 << 11);
     }
 
     #[test]
