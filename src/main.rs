@@ -1,6 +1,7 @@
 //! vfrelay: a software vDPA dataplane. Serves virtio-net rings to a guest
 //! and relays every packet to a host-side backend.
 
+mod daemon;
 mod dataplane;
 mod device;
 mod frontend;
