@@ -3,8 +3,8 @@
 
 mod daemon;
 mod dataplane;
-mod device;
 mod frontend;
+mod net;
 mod shutdown;
 mod stats;
 mod vf_cmd;
@@ -14,9 +14,11 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use log::info;
+use serde_json::{json, Value};
 use vfrelay_backends::BackendSpec;
 
-use device::NetConfig;
+use daemon::ports::{self, parse_backend, parse_queue_size};
+use daemon::{rpc, Daemon, Kind, Options, PortSpec};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -34,6 +36,15 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the daemon: many ports on shared worker cores, managed over a
+    /// control socket (`vfrelay port|stats|worker`).
+    Daemon(DaemonArgs),
+    /// Add, delete or list the daemon's ports.
+    Port(PortArgs),
+    /// Per-queue counters of the daemon's ports.
+    Stats(StatsArgs),
+    /// The daemon's workers and the queue pairs each runs.
+    Worker(WorkerArgs),
     /// Serve a virtio-net device over a vhost-user socket.
     VhostUser(VhostUserArgs),
     /// Serve a virtio-net device as a VDUSE (vDPA) device in this kernel.
@@ -42,15 +53,148 @@ enum Command {
     Vf(vf_cmd::VfArgs),
 }
 
+/// Where client subcommands find the daemon.
+#[derive(Args, Debug)]
+struct ControlArg {
+    /// The daemon's control socket (default: $VFRELAY_CONTROL, else
+    /// /run/vfrelay/control.sock).
+    #[arg(long)]
+    control: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct DaemonArgs {
+    #[command(flatten)]
+    control: ControlArg,
+    /// Worker CPUs, e.g. `0,2-3`: one worker thread per CPU, pinned
+    /// (default: one worker, not pinned).
+    #[arg(long, value_parser = parse_cpulist)]
+    workers: Option<CpuList>,
+    /// Workers busy-poll their queues instead of sleeping on kicks.
+    #[arg(long)]
+    poll: bool,
+}
+
+#[derive(Clone, Debug)]
+struct CpuList(Vec<usize>);
+
+fn parse_cpulist(s: &str) -> Result<CpuList, String> {
+    let mut cpus = Vec::new();
+    for part in s.split(',') {
+        let bad = || format!("'{s}' is not a CPU list (like 0,2-3)");
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a, b),
+            None => (part, part),
+        };
+        let a: usize = a.trim().parse().map_err(|_| bad())?;
+        let b: usize = b.trim().parse().map_err(|_| bad())?;
+        if a > b || b >= libc::CPU_SETSIZE as usize {
+            return Err(bad());
+        }
+        for c in a..=b {
+            if !cpus.contains(&c) {
+                cpus.push(c);
+            }
+        }
+    }
+    Ok(CpuList(cpus))
+}
+
+#[derive(Args, Debug)]
+struct PortArgs {
+    #[command(subcommand)]
+    cmd: PortCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum PortCmd {
+    /// Add a vhost-user or VDUSE port.
+    Add(PortAddArgs),
+    /// Delete a port (its connection closes, its socket or device goes).
+    Del {
+        name: String,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// List the ports.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("frontend").required(true).args(["vhost_user", "vduse"])))]
+struct PortAddArgs {
+    /// Port name (letters, digits, '-', '_', '.').
+    #[arg(value_parser = ports::check_name)]
+    name: String,
+    /// Serve a vhost-user socket at PATH.
+    #[arg(long, value_name = "PATH")]
+    vhost_user: Option<PathBuf>,
+    /// Connect to a front end that listens at PATH instead.
+    #[arg(long, requires = "vhost_user")]
+    client: bool,
+    /// Serve a VDUSE device named DEV.
+    #[arg(long, value_name = "DEV")]
+    vduse: Option<String>,
+    #[arg(long, value_enum, requires = "vduse")]
+    attach: Option<frontend::vduse::Attach>,
+    /// Queue pairs.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    queues: Option<u16>,
+    /// Largest ring size (power of two).
+    #[arg(long, value_parser = parse_queue_size)]
+    queue_size: Option<u16>,
+    #[arg(long, value_parser = net::parse_mac)]
+    mac: Option<[u8; 6]>,
+    #[arg(long, value_parser = clap::value_parser!(u16).range(68..=9000))]
+    mtu: Option<u16>,
+    /// Where packets go (SPEC as for `vfrelay vhost-user --backend`).
+    #[arg(long, value_parser = parse_backend)]
+    backend: Option<BackendSpec>,
+    #[command(flatten)]
+    control: ControlArg,
+}
+
+#[derive(Args, Debug)]
+struct StatsArgs {
+    /// One port (default: all).
+    name: Option<String>,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    control: ControlArg,
+}
+
+#[derive(Args, Debug)]
+struct WorkerArgs {
+    #[command(subcommand)]
+    cmd: WorkerCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum WorkerCmd {
+    /// List the workers, their CPUs, load and queue pairs.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+}
+
 #[derive(Args, Debug)]
 struct DeviceArgs {
     /// Guest MAC address (default: random, locally administered).
-    #[arg(long, value_parser = device::parse_mac)]
+    #[arg(long, value_parser = net::parse_mac)]
     mac: Option<[u8; 6]>,
     /// MTU reported to the driver.
     #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u16).range(68..=9000))]
     mtu: u16,
-    /// Busy-poll rings and backend on dedicated threads.
+    /// Busy-poll rings and backend (the worker owns a core).
     #[arg(long)]
     poll: bool,
     /// Where packets go: loopback | tap[,ifname=NAME] |
@@ -94,30 +238,91 @@ struct VduseArgs {
     dev: DeviceArgs,
 }
 
-impl DeviceArgs {
-    /// The device both frontends present, from the options they share.
-    fn net_config(&self, queue_pairs: usize, queue_size: u16) -> NetConfig {
-        NetConfig {
-            mac: self.mac.unwrap_or_else(device::random_mac),
-            mtu: self.mtu,
-            queue_pairs,
-            queue_size,
-            poll: self.poll,
+/// A port name from a socket or device name (names must be plain).
+fn port_name(from: &str) -> String {
+    let n: String = from
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if n.is_empty() {
+        "port".into()
+    } else {
+        n
+    }
+}
+
+impl VhostUserArgs {
+    fn spec(&self) -> PortSpec {
+        let file = self
+            .socket
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        PortSpec {
+            name: port_name(&file),
+            kind: Kind::VhostUser {
+                path: self.socket.clone(),
+                client: self.client,
+            },
+            queues: self.queues,
+            queue_size: self.queue_size,
+            mac: self.dev.mac,
+            mtu: self.dev.mtu,
+            backend: self.dev.backend.clone(),
         }
     }
 }
 
-fn parse_backend(s: &str) -> Result<BackendSpec, String> {
-    s.parse()
-        .map_err(|e: vfrelay_backends::Error| e.to_string())
+impl VduseArgs {
+    fn spec(&self) -> PortSpec {
+        PortSpec {
+            name: port_name(&self.name),
+            kind: Kind::Vduse {
+                device: self.name.clone(),
+                attach: self.attach,
+            },
+            queues: 1,
+            queue_size: self.queue_size,
+            mac: self.dev.mac,
+            mtu: self.dev.mtu,
+            backend: self.dev.backend.clone(),
+        }
+    }
 }
 
-fn parse_queue_size(s: &str) -> Result<u16, String> {
-    let n: u32 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
-    if !(64..=32768).contains(&n) || !n.is_power_of_two() {
-        return Err(format!("{n} is not a power of two between 64 and 32768"));
+impl PortAddArgs {
+    fn spec(&self) -> PortSpec {
+        let kind = match (&self.vhost_user, &self.vduse) {
+            (Some(path), _) => Kind::VhostUser {
+                path: path.clone(),
+                client: self.client,
+            },
+            (None, device) => Kind::Vduse {
+                device: device.clone().unwrap_or_default(),
+                attach: self.attach.unwrap_or(frontend::vduse::Attach::VirtioVdpa),
+            },
+        };
+        let queue_size = self.queue_size.unwrap_or(match kind {
+            Kind::VhostUser { .. } => ports::DEFAULT_VHOST_USER_QUEUE_SIZE,
+            Kind::Vduse { .. } => ports::DEFAULT_VDUSE_QUEUE_SIZE,
+        });
+        PortSpec {
+            name: self.name.clone(),
+            kind,
+            queues: self.queues.unwrap_or(1),
+            queue_size,
+            mac: self.mac,
+            mtu: self.mtu.unwrap_or(ports::DEFAULT_MTU),
+            backend: self.backend.clone().unwrap_or_default(),
+        }
     }
-    Ok(n as u16)
 }
 
 fn init_logging(verbose: u8) {
@@ -163,8 +368,11 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.verbose);
-    // The vf commands are one-shot: Ctrl-C may simply end them.
-    if !matches!(cli.cmd, Command::Vf(_)) {
+    // One-shot commands: Ctrl-C may simply end them.
+    if matches!(
+        cli.cmd,
+        Command::Daemon(_) | Command::VhostUser(_) | Command::Vduse(_)
+    ) {
         shutdown::install();
     }
     match run(cli.cmd) {
@@ -176,50 +384,189 @@ fn main() -> ExitCode {
     }
 }
 
+/// The one-port commands: this daemon with one port, no control socket.
+fn run_one_port(spec: PortSpec, poll: bool) -> Result<(), Box<dyn std::error::Error>> {
+    let mut d = Daemon::new(&Options {
+        control: None,
+        workers: vec![None],
+        poll,
+    })?;
+    d.add_port(spec)?;
+    let r = d.run(true);
+    info!("stopped");
+    Ok(r?)
+}
+
+fn client(control: &ControlArg, method: &str, params: Value) -> Result<Value, rpc::ClientError> {
+    rpc::call(
+        &rpc::default_control_path(control.control.as_deref()),
+        method,
+        params,
+    )
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        v => v.to_string(),
+    }
+}
+
+fn print_ports(ports: &Value) {
+    println!(
+        "{:<16} {:<10} {:<40} {:>6} {:<17} {:<32} {:<9} WORKERS",
+        "NAME", "KIND", "PATH", "QUEUES", "MAC", "BACKEND", "CONNECTED"
+    );
+    for p in ports.as_array().into_iter().flatten() {
+        let workers: Vec<String> = p["queue_pairs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|q| s(&q["worker"]))
+            .collect();
+        println!(
+            "{:<16} {:<10} {:<40} {:>6} {:<17} {:<32} {:<9} {}",
+            s(&p["name"]),
+            s(&p["kind"]),
+            s(&p["path"]),
+            s(&p["queues"]),
+            s(&p["mac"]),
+            s(&p["backend"]),
+            if p["connected"] == json!(true) {
+                "yes"
+            } else {
+                "no"
+            },
+            workers.join(",")
+        );
+    }
+}
+
+const STAT_FIELDS: &[&str] = &[
+    "rx_frames",
+    "rx_bytes",
+    "rx_dropped",
+    "rx_errors",
+    "tx_frames",
+    "tx_bytes",
+    "tx_errors",
+    "chain_errors",
+];
+
+fn print_stats(v: &Value) {
+    print!("{:<16} {:>3} {:>6}", "PORT", "QP", "WORKER");
+    for f in STAT_FIELDS {
+        print!(" {:>14}", f.to_uppercase());
+    }
+    println!();
+    for p in v["ports"].as_array().into_iter().flatten() {
+        for q in p["queue_pairs"].as_array().into_iter().flatten() {
+            print!(
+                "{:<16} {:>3} {:>6}",
+                s(&p["name"]),
+                s(&q["index"]),
+                s(&q["worker"])
+            );
+            for f in STAT_FIELDS {
+                print!(" {:>14}", s(&q[*f]));
+            }
+            println!();
+        }
+    }
+}
+
+fn print_workers(v: &Value) {
+    println!(
+        "{:>3} {:>4} {:<6} {:>6}  QUEUE PAIRS",
+        "ID", "CPU", "MODE", "BUSY"
+    );
+    for w in v.as_array().into_iter().flatten() {
+        let qps: Vec<String> = w["queue_pairs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|q| format!("{}/{}", s(&q["port"]), s(&q["index"])))
+            .collect();
+        println!(
+            "{:>3} {:>4} {:<6} {:>5.1}%  {}",
+            s(&w["id"]),
+            s(&w["cpu"]),
+            s(&w["mode"]),
+            w["busy"].as_f64().unwrap_or(0.0) * 100.0,
+            qps.join(" ")
+        );
+    }
+}
+
 fn run(cmd: Command) -> Result<(), Box<dyn std::error::Error>> {
     match cmd {
-        Command::VhostUser(a) => {
-            let cfg = a.dev.net_config(a.queues as usize, a.queue_size);
-            let backends = a.dev.backend.open_with_mac(cfg.queue_pairs, cfg.mac)?;
-            info!(
-                "vhost-user virtio-net: mac {} mtu {} queue pairs {} backend {}{}",
-                device::format_mac(&cfg.mac),
-                cfg.mtu,
-                cfg.queue_pairs,
-                a.dev.backend,
-                if cfg.poll { " (polling)" } else { "" }
-            );
-            let net = frontend::vhost_user::VhostUserNet::new(
-                cfg,
-                a.dev.backend.offload_features(),
-                backends,
-            );
-            frontend::vhost_user::run(net, &a.socket, a.client)?;
-            info!("stopped");
-            Ok(())
-        }
-        Command::Vduse(a) => {
-            // VDUSE serves one queue pair: the kernel refuses CTRL_VQ, so MQ.
-            let cfg = a.dev.net_config(1, a.queue_size);
-            let backends = a.dev.backend.open_with_mac(1, cfg.mac)?;
-            info!(
-                "VDUSE virtio-net {}: mac {} mtu {} backend {}{}",
-                a.name,
-                device::format_mac(&cfg.mac),
-                cfg.mtu,
-                a.dev.backend,
-                if cfg.poll { " (polling)" } else { "" }
-            );
-            let net = frontend::vduse::VduseNet {
-                name: a.name,
-                attach: a.attach,
-                cfg,
-                offloads: a.dev.backend.offload_features(),
+        Command::Daemon(a) => {
+            let workers = match a.workers {
+                Some(CpuList(cpus)) => cpus.into_iter().map(Some).collect(),
+                None => vec![None],
             };
-            frontend::vduse::run(net, backends)?;
+            let control = rpc::default_control_path(a.control.control.as_deref());
+            let mut d = Daemon::new(&Options {
+                control: Some(control),
+                workers,
+                poll: a.poll,
+            })?;
+            let r = d.run(false);
             info!("stopped");
+            Ok(r?)
+        }
+        Command::Port(PortArgs { cmd }) => match cmd {
+            PortCmd::Add(a) => {
+                client(&a.control, "port_add", a.spec().to_params())?;
+                println!("port {} added", a.name);
+                Ok(())
+            }
+            PortCmd::Del { name, control } => {
+                client(&control, "port_del", json!({ "name": name }))?;
+                println!("port {name} deleted");
+                Ok(())
+            }
+            PortCmd::List { json, control } => {
+                let v = client(&control, "port_list", json!({}))?;
+                if json {
+                    print_json(&v);
+                } else {
+                    print_ports(&v);
+                }
+                Ok(())
+            }
+        },
+        Command::Stats(a) => {
+            let params = match &a.name {
+                Some(n) => json!({ "name": n }),
+                None => json!({}),
+            };
+            let v = client(&a.control, "stats", params)?;
+            if a.json {
+                print_json(&v);
+            } else {
+                print_stats(&v);
+            }
             Ok(())
         }
+        Command::Worker(WorkerArgs {
+            cmd: WorkerCmd::List { json, control },
+        }) => {
+            let v = client(&control, "worker_list", json!({}))?;
+            if json {
+                print_json(&v);
+            } else {
+                print_workers(&v);
+            }
+            Ok(())
+        }
+        Command::VhostUser(a) => run_one_port(a.spec(), a.dev.poll),
+        Command::Vduse(a) => run_one_port(a.spec(), a.dev.poll),
         Command::Vf(a) => vf_cmd::run(a),
     }
 }

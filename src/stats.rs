@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct QueueStats {
     /// Frames delivered to the guest.
     pub rx_frames: u64,

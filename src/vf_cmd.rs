@@ -7,7 +7,7 @@ use clap::{ArgGroup, Args, Subcommand};
 use serde::Serialize;
 use vfrelay_sriov::{self as sriov, LinkState, PfReport, Sysfs, VfSettings};
 
-use crate::device;
+use crate::net;
 
 #[derive(Args, Debug)]
 pub struct VfArgs {
@@ -60,7 +60,7 @@ pub struct ConfigArgs {
     #[arg(long, value_name = "N")]
     index: u32,
     /// VF MAC address.
-    #[arg(long, value_parser = device::parse_mac)]
+    #[arg(long, value_parser = net::parse_mac)]
     mac: Option<[u8; 6]>,
     /// Port VLAN 0..4095 (0: untagged), optionally with 802.1p priority 0..7.
     #[arg(long, value_name = "ID[,qos=Q]", value_parser = parse_vlan)]
@@ -198,7 +198,7 @@ pub fn to_json(pfs: &[PfReport]) -> serde_json::Result<String> {
                             pci: vf.pci.clone(),
                             netdev: vf.netdev.clone(),
                             driver: vf.driver.clone(),
-                            mac: c.mac.map(|m| device::format_mac(&m)),
+                            mac: c.mac.map(|m| net::format_mac(&m)),
                             vlan: c.vlan,
                             qos: c.qos,
                             spoofchk: c.spoofchk,
@@ -252,7 +252,7 @@ pub fn table(pfs: &[PfReport]) -> String {
                 vf.pci.clone().unwrap_or_else(dash),
                 vf.netdev.clone().unwrap_or_else(dash),
                 vf.driver.clone().unwrap_or_else(dash),
-                c.mac.map(|m| device::format_mac(&m)).unwrap_or_else(dash),
+                c.mac.map(|m| net::format_mac(&m)).unwrap_or_else(dash),
                 vlan,
                 c.spoofchk.map(on_off).map_or_else(dash, str::to_string),
                 c.trust.map(on_off).map_or_else(dash, str::to_string),

@@ -1,1 +1,493 @@
+//! The daemon: a table of ports on a fixed set of workers, driven at
+//! runtime over a JSON-RPC control socket. One control thread runs every
+//! vhost-user socket, the control socket and port management from one
+//! epoll; workers run the queue pairs. The one-port commands (`vfrelay
+//! vhost-user`, `vfrelay vduse`) are this daemon with one port and no
+//! control socket.
+
+pub mod ports;
 pub mod rpc;
+
+use std::io;
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use serde_json::{json, Value};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+
+use crate::dataplane::worker::{QpKey, QpRef, Slot, WorkerHandle};
+use crate::dataplane::QueuePair;
+use crate::frontend::{vduse, vhost_user};
+use crate::net;
+use crate::shutdown;
+pub use ports::{Kind, PortSpec};
+use rpc::RpcError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("{0}")]
+    Port(String),
+}
+
+/// How the daemon runs.
+pub struct Options {
+    /// The control socket; None for the one-port commands.
+    pub control: Option<PathBuf>,
+    /// One worker per entry, pinned to that CPU (None: not pinned).
+    pub workers: Vec<Option<usize>>,
+    pub poll: bool,
+}
+
+enum Front {
+    VhostUser(vhost_user::Port),
+    Vduse(vduse::Port),
+}
+
+struct Port {
+    id: u64,
+    spec: PortSpec,
+    mac: [u8; 6],
+    /// Dropped (socket closed, device destroyed) after the queue pairs
+    /// left their workers.
+    front: Option<Front>,
+    qps: Vec<QpRef>,
+    /// Fds of `front` in the control epoll.
+    watched: Vec<RawFd>,
+}
+
+const TOKEN_SHUTDOWN: u64 = 0;
+const TOKEN_CONTROL: u64 = 1;
+const TOKEN_CLIENT: u64 = 2 << 56;
+const TOKEN_PORT: u64 = 3 << 56;
+const TOKEN_KIND: u64 = 0xff << 56;
+
+pub struct Daemon {
+    workers: Vec<Arc<WorkerHandle>>,
+    ports: Vec<Port>,
+    next_id: u64,
+    epoll: Epoll,
+    control: Option<rpc::ControlServer>,
+}
+
+impl Daemon {
+    pub fn new(opts: &Options) -> Result<Daemon, Error> {
+        let mut workers = Vec::new();
+        for (id, cpu) in opts.workers.iter().enumerate() {
+            workers.push(Arc::new(WorkerHandle::spawn(id, *cpu, opts.poll)?));
+        }
+        let epoll = Epoll::new()?;
+        if shutdown::wake_fd() >= 0 {
+            epoll.ctl(
+                ControlOperation::Add,
+                shutdown::wake_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_SHUTDOWN),
+            )?;
+        }
+        let control = match &opts.control {
+            Some(p) => {
+                let c = rpc::ControlServer::bind(p)?;
+                epoll.ctl(
+                    ControlOperation::Add,
+                    c.listen_fd(),
+                    EpollEvent::new(EventSet::IN, TOKEN_CONTROL),
+                )?;
+                info!("control socket {}", p.display());
+                Some(c)
+            }
+            None => None,
+        };
+        info!(
+            "{} worker(s) in {} mode: {}",
+            workers.len(),
+            if opts.poll { "poll" } else { "event" },
+            workers
+                .iter()
+                .map(|w| match w.cpu {
+                    Some(c) => format!("cpu {c}"),
+                    None => "unpinned".into(),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Ok(Daemon {
+            workers,
+            ports: Vec::new(),
+            next_id: 1,
+            epoll,
+            control,
+        })
+    }
+
+    /// Serve until SIGINT/SIGTERM, then tear every port down in order.
+    /// With `exit_with_port`, a port whose device broke ends the daemon
+    /// with an error (what the one-port commands did).
+    pub fn run(&mut self, exit_with_port: bool) -> Result<(), Error> {
+        let mut events = vec![EpollEvent::default(); 64];
+        let mut result = Ok(());
+        while !shutdown::requested() {
+            let now = Instant::now();
+            let next = self
+                .ports
+                .iter()
+                .filter_map(|p| match &p.front {
+                    Some(Front::VhostUser(v)) => v.deadline(),
+                    _ => None,
+                })
+                .min();
+            let timeout = next
+                .map(|t| t.saturating_duration_since(now))
+                .unwrap_or(Duration::from_secs(1))
+                .min(Duration::from_secs(1));
+            let n = match self.epoll.wait(timeout.as_millis() as i32, &mut events[..]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+                Err(e) => return Err(e.into()),
+            };
+            for ev in &events[..n] {
+                self.event(ev.data());
+            }
+            let now = Instant::now();
+            for i in 0..self.ports.len() {
+                self.with_front(i, |f| {
+                    if let Front::VhostUser(v) = f {
+                        v.tick(now)
+                    }
+                });
+            }
+            if exit_with_port {
+                if let Some(p) = self
+                    .ports
+                    .iter()
+                    .find(|p| matches!(&p.front, Some(Front::Vduse(v)) if v.broken()))
+                {
+                    result = Err(Error::Port(format!(
+                        "VDUSE device {} broke (the kernel stopped waiting for our answers)",
+                        p.spec.name
+                    )));
+                    break;
+                }
+            }
+        }
+        while let Some(p) = self.ports.last() {
+            let name = p.spec.name.clone();
+            self.del_port(&name).ok();
+        }
+        result
+    }
+
+    fn event(&mut self, token: u64) {
+        match token & TOKEN_KIND {
+            _ if token == TOKEN_SHUTDOWN => {}
+            _ if token == TOKEN_CONTROL => {
+                let Some(c) = self.control.as_mut() else {
+                    return;
+                };
+                for fd in c.accept() {
+                    let ev = EpollEvent::new(EventSet::IN, TOKEN_CLIENT | fd as u64);
+                    if let Err(e) = self.epoll.ctl(ControlOperation::Add, fd, ev) {
+                        warn!("control client: {e}");
+                        c.close(fd);
+                    }
+                }
+            }
+            TOKEN_CLIENT => {
+                let fd = (token & !TOKEN_KIND) as RawFd;
+                // Taken out for the call: the handler is the daemon itself.
+                let Some(mut c) = self.control.take() else {
+                    return;
+                };
+                if !c.readable(fd, self) {
+                    let _ = self
+                        .epoll
+                        .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                }
+                self.control = Some(c);
+            }
+            TOKEN_PORT => {
+                let id = token & !TOKEN_KIND;
+                if let Some(i) = self.ports.iter().position(|p| p.id == id) {
+                    self.with_front(i, |f| {
+                        if let Front::VhostUser(v) = f {
+                            v.ready(0)
+                        }
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Run `f` on port `i`'s frontend with its fds out of the epoll (so a
+    /// closed and reused fd number never keeps a stale registration), then
+    /// watch what it wants watched now.
+    fn with_front(&mut self, i: usize, f: impl FnOnce(&mut Front)) {
+        let p = &mut self.ports[i];
+        for fd in p.watched.drain(..) {
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+        let Some(front) = p.front.as_mut() else {
+            return;
+        };
+        f(front);
+        if let Front::VhostUser(v) = front {
+            for fd in v.watch() {
+                let ev = EpollEvent::new(EventSet::IN, TOKEN_PORT | p.id);
+                match self.epoll.ctl(ControlOperation::Add, fd, ev) {
+                    Ok(()) => p.watched.push(fd),
+                    Err(e) => warn!("{}: watching fd {fd}: {e}", p.spec.name),
+                }
+            }
+        }
+    }
+
+    /// The least-loaded worker (fewest queue pairs).
+    fn pick_worker(&self, extra: &[QpRef]) -> Arc<WorkerHandle> {
+        let load = |w: &WorkerHandle| {
+            self.ports
+                .iter()
+                .flat_map(|p| &p.qps)
+                .chain(extra)
+                .filter(|q| q.worker.id == w.id)
+                .count()
+        };
+        self.workers
+            .iter()
+            .min_by_key(|w| (load(w), w.id))
+            .expect("at least one worker")
+            .clone()
+    }
+
+    pub fn add_port(&mut self, spec: PortSpec) -> Result<Value, RpcError> {
+        if self.ports.iter().any(|p| p.spec.name == spec.name) {
+            return Err(RpcError::failed(format!(
+                "port '{}' already exists",
+                spec.name
+            )));
+        }
+        if let Kind::VhostUser { path, .. } = &spec.kind {
+            if self
+                .ports
+                .iter()
+                .any(|p| matches!(&p.spec.kind, Kind::VhostUser { path: q, .. } if q == path))
+            {
+                return Err(RpcError::failed(format!(
+                    "socket {}: a vfrelay or other server is already listening there",
+                    path.display()
+                )));
+            }
+        }
+        if let Kind::Vduse { device, .. } = &spec.kind {
+            if self
+                .ports
+                .iter()
+                .any(|p| matches!(&p.spec.kind, Kind::Vduse { device: d, .. } if d == device))
+            {
+                return Err(RpcError::failed(format!(
+                    "VDUSE device {device} is already served by this daemon"
+                )));
+            }
+        }
+        let mac = spec.mac.unwrap_or_else(net::random_mac);
+        let cfg = spec.net_config(mac);
+        let backends = spec
+            .backend
+            .open_with_mac(cfg.queue_pairs, mac)
+            .map_err(|e| RpcError::failed(e.to_string()))?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut qps = Vec::new();
+        for (i, b) in backends.into_iter().enumerate() {
+            let worker = self.pick_worker(&qps);
+            let key = QpKey { port: id, index: i };
+            worker.add(Box::new(Slot::new(key, QueuePair::new(i, b))));
+            qps.push(QpRef { worker, key });
+        }
+        let offloads = spec.backend.offload_features();
+        let front = match &spec.kind {
+            Kind::VhostUser { path, client } => {
+                info!(
+                    "{}: vhost-user virtio-net: mac {} mtu {} queue pairs {} backend {}",
+                    spec.name,
+                    net::format_mac(&mac),
+                    cfg.mtu,
+                    cfg.queue_pairs,
+                    spec.backend
+                );
+                vhost_user::Port::new(&spec.name, path, *client, cfg, offloads, qps.clone())
+                    .map(Front::VhostUser)
+                    .map_err(|e| e.to_string())
+            }
+            Kind::Vduse { device, attach } => {
+                info!(
+                    "{}: VDUSE virtio-net {device}: mac {} mtu {} backend {}",
+                    spec.name,
+                    net::format_mac(&mac),
+                    cfg.mtu,
+                    spec.backend
+                );
+                let v = vduse::VduseNet {
+                    name: device.clone(),
+                    attach: *attach,
+                    cfg,
+                    offloads,
+                };
+                vduse::Port::new(&v, qps[0].clone())
+                    .map(Front::Vduse)
+                    .map_err(|e| e.to_string())
+            }
+        };
+        let front = match front {
+            Ok(f) => f,
+            Err(e) => {
+                for q in &qps {
+                    q.worker.remove(q.key);
+                }
+                return Err(RpcError::failed(e));
+            }
+        };
+        self.ports.push(Port {
+            id,
+            spec,
+            mac,
+            front: Some(front),
+            qps,
+            watched: Vec::new(),
+        });
+        let i = self.ports.len() - 1;
+        self.with_front(i, |_| {});
+        Ok(self.port_json(&self.ports[i]))
+    }
+
+    pub fn del_port(&mut self, name: &str) -> Result<(), RpcError> {
+        let Some(i) = self.ports.iter().position(|p| p.spec.name == name) else {
+            return Err(RpcError::failed(format!("no port named '{name}'")));
+        };
+        self.with_front(i, |f| match f {
+            Front::VhostUser(v) => v.close(),
+            Front::Vduse(v) => v.close(),
+        });
+        let mut p = self.ports.remove(i);
+        // The queue pairs leave their workers (backends close) before the
+        // frontend's last resources go.
+        for q in &p.qps {
+            drop(q.worker.remove(q.key));
+        }
+        p.front = None;
+        info!("{name}: port deleted");
+        Ok(())
+    }
+
+    fn port_json(&self, p: &Port) -> Value {
+        let (kind, path, client, connected) = match (&p.spec.kind, &p.front) {
+            (Kind::VhostUser { path, client }, Some(Front::VhostUser(v))) => (
+                "vhost-user",
+                path.display().to_string(),
+                *client,
+                v.connected(),
+            ),
+            (Kind::VhostUser { path, client }, _) => {
+                ("vhost-user", path.display().to_string(), *client, false)
+            }
+            (Kind::Vduse { device, .. }, f) => (
+                "vduse",
+                device.clone(),
+                false,
+                matches!(f, Some(Front::Vduse(v)) if !v.broken()),
+            ),
+        };
+        json!({
+            "name": p.spec.name,
+            "kind": kind,
+            "path": path,
+            "client": client,
+            "queues": p.spec.queues,
+            "queue_size": p.spec.queue_size,
+            "mac": net::format_mac(&p.mac),
+            "mtu": p.spec.mtu,
+            "backend": p.spec.backend.to_string(),
+            "connected": connected,
+            "queue_pairs": p.qps.iter().map(|q| json!({"index": q.key.index, "worker": q.worker.id})).collect::<Vec<_>>(),
+        })
+    }
+
+    fn stats_json(&self, name: Option<&str>) -> Result<Value, RpcError> {
+        let ports: Vec<&Port> = match name {
+            Some(n) => vec![self
+                .ports
+                .iter()
+                .find(|p| p.spec.name == n)
+                .ok_or_else(|| RpcError::failed(format!("no port named '{n}'")))?],
+            None => self.ports.iter().collect(),
+        };
+        let out: Vec<Value> = ports
+            .iter()
+            .map(|p| {
+                let qps: Vec<Value> = p
+                    .qps
+                    .iter()
+                    .map(|q| {
+                        let st = q.apply(|s| s.qp.stats).unwrap_or_default();
+                        let mut v = serde_json::to_value(st).unwrap_or_default();
+                        v["index"] = json!(q.key.index);
+                        v["worker"] = json!(q.worker.id);
+                        v
+                    })
+                    .collect();
+                json!({"name": p.spec.name, "queue_pairs": qps})
+            })
+            .collect();
+        Ok(json!({ "ports": out }))
+    }
+
+    fn workers_json(&self) -> Value {
+        Value::Array(
+            self.workers
+                .iter()
+                .map(|w| {
+                    let qps: Vec<Value> = self
+                        .ports
+                        .iter()
+                        .flat_map(|p| p.qps.iter().map(move |q| (p, q)))
+                        .filter(|(_, q)| q.worker.id == w.id)
+                        .map(|(p, q)| json!({"port": p.spec.name, "index": q.key.index}))
+                        .collect();
+                    json!({
+                        "id": w.id,
+                        "cpu": w.cpu,
+                        "mode": if w.poll { "poll" } else { "event" },
+                        "busy": w.busy(),
+                        "queue_pairs": qps,
+                    })
+                })
+                .collect(),
+        )
+    }
+}
+
+impl rpc::Handler for Daemon {
+    fn call(&mut self, method: &str, params: &Value) -> Result<Value, RpcError> {
+        match method {
+            "port_add" => {
+                let spec = PortSpec::from_params(params)?;
+                self.add_port(spec)
+            }
+            "port_del" => {
+                let name = rpc::require(rpc::param_str(params, "name")?, "name")?;
+                self.del_port(name).map(|_| json!({}))
+            }
+            "port_list" => Ok(Value::Array(
+                self.ports.iter().map(|p| self.port_json(p)).collect(),
+            )),
+            "stats" => self.stats_json(rpc::param_str(params, "name")?),
+            "worker_list" => Ok(self.workers_json()),
+            m => Err(RpcError::method_not_found(m)),
+        }
+    }
+}

@@ -215,59 +215,32 @@ pub struct ControlServer {
 
 /// umask is process-wide: serialise our set/restore pairs so two binds in
 /// parallel (tests) cannot leave the process with the restrictive mask.
-static UMASK_LOCK: Mutex<()> = Mutex::new(());
+pub(crate) static UMASK_LOCK: Mutex<()> = Mutex::new(());
 
-fn path_error(path: &Path, what: impl std::fmt::Display) -> String {
-    format!("control socket {}: {what}", path.display())
+/// A unix socket at `path` that only its owner may use: what the control
+/// socket and the vhost-user sockets both are. A stale socket from a crashed
+/// run is replaced; a live one (`live` says whose) or anything that is not a
+/// socket is refused. Errors are prefixed with `label` and the path.
+pub(crate) struct OwnerOnly<'a> {
+    pub label: &'a str,
+    pub live: &'a str,
 }
 
-/// Replace a stale socket from a crashed daemon; refuse a live one or
-/// anything that is not a socket.
-fn prepare_path(path: &Path) -> io::Result<()> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(io::Error::new(e.kind(), path_error(path, e))),
-        Ok(m) => m,
-    };
-    if !meta.file_type().is_socket() {
-        return Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            path_error(path, "exists and is not a socket"),
-        ));
+impl OwnerOnly<'_> {
+    fn err(&self, path: &Path, what: impl std::fmt::Display) -> String {
+        format!("{} {}: {what}", self.label, path.display())
     }
-    match UnixStream::connect(path) {
-        Ok(_) => Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            path_error(path, "a vfrelay daemon is already listening there"),
-        )),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            info!("removing stale control socket {}", path.display());
-            match std::fs::remove_file(path) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    Err(io::Error::new(e.kind(), path_error(path, e)))
-                }
-                _ => Ok(()),
-            }
-        }
-        // Removed under us: nothing left to replace.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        // e.g. EACCES: we cannot tell whether it is live, so do not unlink it.
-        Err(e) => Err(io::Error::new(e.kind(), path_error(path, e))),
-    }
-}
 
-impl ControlServer {
-    pub fn bind(path: &Path) -> io::Result<ControlServer> {
+    pub(crate) fn bind(&self, path: &Path) -> io::Result<UnixListener> {
         // Held throughout, not just around umask: a directory created by a
         // parallel bind inside another's umask window would be unusable.
         let _g = UMASK_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
-                .map_err(|e| io::Error::new(e.kind(), path_error(path, e)))?;
+                .map_err(|e| io::Error::new(e.kind(), self.err(path, e)))?;
         }
-        prepare_path(path)?;
-        // The socket controls every port: owner-only from the moment it
-        // exists, not after a chmod race.
+        self.prepare(path)?;
+        // Owner-only from the moment it exists, not after a chmod race.
         let bound = {
             // SAFETY: umask has no memory-safety preconditions.
             let old = unsafe { libc::umask(0o177) };
@@ -276,10 +249,66 @@ impl ControlServer {
             unsafe { libc::umask(old) };
             r
         };
-        let listener = bound.map_err(|e| io::Error::new(e.kind(), path_error(path, e)))?;
+        let listener = bound.map_err(|e| io::Error::new(e.kind(), self.err(path, e)))?;
         // Belt and braces for filesystems that ignore umask on sockets.
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| io::Error::new(e.kind(), path_error(path, e)))?;
+            .map_err(|e| io::Error::new(e.kind(), self.err(path, e)))?;
+        Ok(listener)
+    }
+
+    fn prepare(&self, path: &Path) -> io::Result<()> {
+        let path_error = |p: &Path, w: &dyn std::fmt::Display| self.err(p, w);
+        prepare_path(path, self.live, &path_error)
+    }
+}
+
+const CONTROL: OwnerOnly<'static> = OwnerOnly {
+    label: "control socket",
+    live: "a vfrelay daemon is already listening there",
+};
+
+/// Replace a stale socket from a crashed daemon; refuse a live one or
+/// anything that is not a socket.
+fn prepare_path(
+    path: &Path,
+    live: &str,
+    path_error: &dyn Fn(&Path, &dyn std::fmt::Display) -> String,
+) -> io::Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io::Error::new(e.kind(), path_error(path, &e))),
+        Ok(m) => m,
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            path_error(path, &"exists and is not a socket"),
+        ));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            path_error(path, &live),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            info!("removing stale socket {}", path.display());
+            match std::fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    Err(io::Error::new(e.kind(), path_error(path, &e)))
+                }
+                _ => Ok(()),
+            }
+        }
+        // Removed under us: nothing left to replace.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        // e.g. EACCES: we cannot tell whether it is live, so do not unlink it.
+        Err(e) => Err(io::Error::new(e.kind(), path_error(path, &e))),
+    }
+}
+
+impl ControlServer {
+    pub fn bind(path: &Path) -> io::Result<ControlServer> {
+        let listener = CONTROL.bind(path)?;
         listener.set_nonblocking(true)?;
         let ident = std::fs::symlink_metadata(path)
             .ok()

@@ -9,8 +9,6 @@
 
 use std::sync::Arc;
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
-
 /// One contiguous mapping: guest addresses `[gpa, gpa+len)` at `host`.
 #[derive(Clone, Copy, Debug)]
 pub struct Region {
@@ -72,23 +70,6 @@ impl MemView {
             regions: Vec::new(),
             _owner: None,
         }
-    }
-
-    /// View of a vm-memory guest memory object; `owner` keeps it mapped.
-    pub fn from_guest_memory<M>(mem: &M, owner: Owner) -> Self
-    where
-        M: GuestMemoryBackend<R = GuestRegionMmap<()>>,
-    {
-        let mut v = MemView::empty();
-        for r in mem.iter() {
-            // A region whose host address cannot be had is left out: any
-            // guest address in it then fails translation, as it should.
-            if let Ok(host) = r.get_host_address(vm_memory::MemoryRegionAddress(0)) {
-                v.add(r.start_addr().0, r.len(), host);
-            }
-        }
-        v._owner = Some(owner);
-        v
     }
 
     /// The same view, keeping `owner` (whatever unmaps the ranges added

@@ -1,15 +1,16 @@
 //! The hot path, shared by both frontends. A frontend (vhost-user, VDUSE)
-//! only supplies guest memory as a [`MemView`], ring addresses and indices
-//! through [`RingCtl`], and interrupts; everything that touches descriptors
-//! lives here.
+//! hands a worker a memory view ([`MemView`]), the vring state the worker
+//! then owns ([`vring::Vring`]) and a way to interrupt the guest; everything
+//! that touches descriptors lives here.
 
 pub mod dirty_log;
 pub mod mem;
 pub mod ring;
 mod rx;
 mod tx;
+pub mod vring;
+pub mod worker;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use log::{debug, error};
@@ -23,12 +24,13 @@ use ring::{Chain, ChainError, RingAddrs, SplitRing};
 /// Frames moved per burst before the other direction gets a turn.
 pub const BURST: usize = 64;
 
-pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+pub use crate::net::{
+    F_INDIRECT_DESC as VIRTIO_RING_F_INDIRECT_DESC, F_MRG_RXBUF as VIRTIO_NET_F_MRG_RXBUF,
+    F_VERSION_1 as VIRTIO_F_VERSION_1,
+};
 
-/// What the dataplane needs from a frontend's view of one virtqueue.
+/// What the dataplane needs of one virtqueue's state ([`vring::Vring`] in
+/// the daemon; a fake in tests).
 pub trait RingCtl {
     /// Started and enabled: the device may process it.
     fn active(&self) -> bool;
@@ -46,26 +48,6 @@ pub trait RingCtl {
     /// Guest address to log used-ring writes at (VHOST_VRING_F_LOG), if
     /// the frontend asked for used-ring logging.
     fn log_addr(&self) -> Option<u64> {
-        None
-    }
-}
-
-/// The per-round work the dataplane hands a frontend: memory, the dirty log
-/// (only while the front end has logging on), RX ring, TX ring.
-pub type RoundFn<'a> =
-    dyn FnMut(&Arc<MemView>, Option<&DirtyLog>, &mut dyn RingCtl, &mut dyn RingCtl) -> usize + 'a;
-
-/// Gives the dataplane one consistent look at a queue pair per round: the
-/// frontend locks its rings (once per burst, never per packet) and passes
-/// the current memory view and dirty log. Logging may start or stop
-/// between bursts, never within one.
-pub trait RingPairAccess {
-    /// Features the driver acked (may change, e.g. LOG_ALL at migration).
-    fn features(&self) -> u64;
-    fn round(&self, f: &mut RoundFn<'_>) -> usize;
-    /// A MAC to announce (RARP) that a polling worker should send; event
-    /// mode frontends call [`QueuePair::announce`] directly.
-    fn take_announce(&self) -> Option<[u8; 6]> {
         None
     }
 }
@@ -163,7 +145,6 @@ impl RingSlot {
 /// One queue pair: RX ring (guest receives), TX ring (guest sends) and the
 /// backend they relay to. Owned by one thread.
 pub struct QueuePair {
-    pub index: usize,
     pub backend: Box<dyn Backend>,
     pub stats: QueueStats,
     features: u64,
@@ -182,7 +163,6 @@ pub struct QueuePair {
 impl QueuePair {
     pub fn new(index: usize, backend: Box<dyn Backend>) -> Self {
         QueuePair {
-            index,
             rx_name: format!(
                 "queue {} (rx of pair {index}, {})",
                 2 * index,
@@ -206,7 +186,7 @@ impl QueuePair {
         }
     }
 
-    fn sync_features(&mut self, features: u64) {
+    pub fn sync_features(&mut self, features: u64) {
         if features != self.features {
             self.set_features(features);
         }
@@ -228,7 +208,7 @@ impl QueuePair {
     /// Send a RARP for `mac` out of the backend, so the network learns where
     /// a migrated guest now is.
     pub fn announce(&mut self, mac: &[u8; 6]) {
-        let frame = crate::device::rarp_frame(mac);
+        let frame = crate::net::rarp_frame(mac);
         let hdr = [0u8; vfrelay_backends::VNET_HDR_LEN];
         let mut segs = [
             libc::iovec {
@@ -335,7 +315,7 @@ impl QueuePair {
         moved
     }
 
-    fn set_kicks(
+    pub fn set_kicks(
         &mut self,
         mem: &Arc<MemView>,
         rx: &mut dyn RingCtl,
@@ -362,72 +342,6 @@ impl QueuePair {
         {
             set(r);
         }
-    }
-
-    /// Event mode: work until idle, then re-arm guest kicks and look once
-    /// more so a buffer added meanwhile is not missed.
-    pub fn run_event(&mut self, rings: &dyn RingPairAccess) {
-        self.sync_features(rings.features());
-        loop {
-            while rings.round(&mut |m, log, rx, tx| self.round(m, log, rx, tx)) > 0 {}
-            let again = rings.round(&mut |m, log, rx, tx| {
-                self.set_kicks(m, rx, tx, true);
-                let n = self.round(m, log, rx, tx);
-                if n > 0 {
-                    self.set_kicks(m, rx, tx, false);
-                }
-                n
-            });
-            if again == 0 {
-                break;
-            }
-        }
-    }
-
-    /// Poll mode: spin on rings and backend until `stop` is set or both
-    /// rings are stopped by the frontend. Guest kicks stay off.
-    pub fn run_poll(&mut self, rings: &dyn RingPairAccess, stop: &AtomicBool) {
-        debug!("queue pair {}: polling", self.index);
-        let mut rounds = 0u32;
-        let mut idle_rounds = 0u32;
-        let mut armed = false;
-        loop {
-            // Housekeeping every 1024 rounds, busy or not: a stop request or
-            // a feature change must not wait for the traffic to pause.
-            if rounds.is_multiple_of(1024) {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                self.sync_features(rings.features());
-                if let Some(mac) = rings.take_announce() {
-                    self.announce(&mac);
-                }
-            }
-            rounds = rounds.wrapping_add(1);
-            let mut active = false;
-            let n = rings.round(&mut |m, log, rx, tx| {
-                active = rx.active() || tx.active();
-                if !armed && active {
-                    self.set_kicks(m, rx, tx, false);
-                    armed = true;
-                }
-                self.round(m, log, rx, tx)
-            });
-            if n == 0 {
-                idle_rounds += 1;
-                if idle_rounds.is_multiple_of(1024) {
-                    if !active {
-                        break;
-                    }
-                    // Re-arm in case the rings were restarted meanwhile.
-                    armed = false;
-                }
-                std::hint::spin_loop();
-            } else {
-                idle_rounds = 0;
-            }
-        }
-        debug!("queue pair {}: polling stopped", self.index);
     }
 }
 

@@ -13,7 +13,7 @@ use super::*;
 
 const BASE: u64 = 0x100000;
 const QSIZE: u16 = 64;
-const FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF | VIRTIO_RING_F_EVENT_IDX;
+const FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF | crate::net::F_EVENT_IDX;
 
 /// One guest-side ring in the shared TestMem, driven like a virtio driver.
 struct GuestRing {
@@ -81,21 +81,24 @@ struct Guest {
     log: Option<Arc<dirty_log::DirtyLog>>,
 }
 
-impl RingPairAccess for Guest {
-    fn features(&self) -> u64 {
-        self.features
-    }
-    fn round(&self, f: &mut RoundFn<'_>) -> usize {
-        f(
-            &self.view,
-            self.log.as_deref(),
-            &mut *self.rx_ctl.borrow_mut(),
-            &mut *self.tx_ctl.borrow_mut(),
-        )
-    }
-}
-
 impl Guest {
+    /// Event mode as a worker runs it: work until idle, then re-arm kicks
+    /// and look once more.
+    fn run_event(&self, q: &mut QueuePair) {
+        q.sync_features(self.features);
+        let (mem, log) = (&self.view, self.log.as_deref());
+        let mut rx = self.rx_ctl.borrow_mut();
+        let mut tx = self.tx_ctl.borrow_mut();
+        loop {
+            while q.round(mem, log, &mut *rx, &mut *tx) > 0 {}
+            q.set_kicks(mem, &mut *rx, &mut *tx, true);
+            if q.round(mem, log, &mut *rx, &mut *tx) == 0 {
+                break;
+            }
+            q.set_kicks(mem, &mut *rx, &mut *tx, false);
+        }
+    }
+
     fn new() -> Box<Guest> {
         let mut mem = TestMem::new(BASE, 0x100000);
         let view = Arc::new(mem.view());
@@ -236,7 +239,7 @@ fn loopback_round_trip_with_payload() {
     for f in &frames {
         g.send(f);
     }
-    q.run_event(&*g);
+    g.run_event(&mut q);
     assert_eq!(g.used(true).len(), 4, "all TX chains returned");
     let used = g.used(false);
     assert_eq!(used.len(), 4);
@@ -265,7 +268,7 @@ fn mergeable_buffers_spread_a_large_frame() {
     let bufs: Vec<u64> = (0..8).map(|_| g.post_rx(256)).collect();
     let f = frame(1000, 9);
     g.send(&f);
-    q.run_event(&*g);
+    g.run_event(&mut q);
     let used = g.used(false);
     // 12 + 1000 bytes in 256-byte buffers: 4 buffers.
     assert_eq!(used.len(), 4);
@@ -297,7 +300,7 @@ fn num_buffers_split_across_segments_is_patched() {
         g.post_rx(256);
     }
     g.send(&frame(500, 3));
-    q.run_event(&*g);
+    g.run_event(&mut q);
     // 12 + 500 bytes: 112 in the first chain, then 256 + 144.
     let used = g.used(false);
     assert_eq!(
@@ -314,19 +317,19 @@ fn frame_waits_for_rx_buffers() {
     let mut q = qp();
     let f = frame(100, 1);
     g.send(&f);
-    q.run_event(&*g);
+    g.run_event(&mut q);
     assert_eq!(g.used(true).len(), 1, "TX done even without RX buffers");
     assert!(g.used(false).is_empty());
     // 112 bytes are needed: one 64-byte buffer is not enough (nothing may
     // be published), two are.
     let b0 = g.post_rx(64);
-    q.run_event(&*g);
+    g.run_event(&mut q);
     assert!(
         g.used(false).is_empty(),
         "partial frame must not be published"
     );
     let _b1 = g.post_rx(64);
-    q.run_event(&*g);
+    g.run_event(&mut q);
     let used = g.used(false);
     assert_eq!(used, vec![(0, 64), (1, 48)]);
     assert_eq!(g.mem.read(b0 + 12, 52), &swapped(&f)[..52]);
@@ -340,7 +343,7 @@ fn without_mrg_a_too_small_buffer_drops_the_frame() {
     g.post_rx(64);
     g.send(&frame(200, 3));
     g.send(&frame(40, 4));
-    q.run_event(&*g);
+    g.run_event(&mut q);
     let used = g.used(false);
     assert_eq!(used, vec![(0, 52)], "big frame dropped, buffer reused");
     assert_eq!(q.stats.rx_dropped, 1);
@@ -353,7 +356,7 @@ fn malformed_tx_chain_stops_only_that_queue() {
     // A TX chain pointing outside guest memory.
     g.desc(true, 0, 0xdead_0000, 64, 0, 0);
     g.publish(true, 0);
-    q.run_event(&*g);
+    g.run_event(&mut q);
     assert!(matches!(
         g.tx_ctl.borrow().broken,
         Some(ChainError::BadAddress { .. })
@@ -362,7 +365,7 @@ fn malformed_tx_chain_stops_only_that_queue() {
     // The queue stays stopped: a good chain after it is not processed...
     g.tx.next_desc = 1;
     g.send(&frame(60, 0));
-    q.run_event(&*g);
+    g.run_event(&mut q);
     assert!(g.used(true).is_empty());
     assert_eq!(q.stats.chain_errors, 1, "logged once, not per burst");
 
@@ -371,17 +374,17 @@ fn malformed_tx_chain_stops_only_that_queue() {
     let mut q2 = qp();
     g2.post_rx(2048);
     g2.send(&frame(60, 5));
-    q2.run_event(&*g2);
+    g2.run_event(&mut q2);
     assert_eq!(g2.used(false).len(), 1);
 
     // A frontend reset (ring stopped and restarted) clears the stop.
     g.tx_ctl.borrow_mut().active = false;
-    q.run_event(&*g);
+    g.run_event(&mut q);
     g.tx_ctl.borrow_mut().active = true;
     // The frontend restarts the ring where the stopped one left off (the
     // bad chain at slot 0 was consumed).
     g.tx_ctl.borrow_mut().next_avail = 1;
-    q.run_event(&*g);
+    g.run_event(&mut q);
     assert_eq!(g.used(true).len(), 1);
 }
 
@@ -394,7 +397,7 @@ fn malformed_rx_chain_stops_rx_but_tx_goes_on() {
     g.desc(false, 0, a, 2048, 0, 0);
     g.publish(false, 0);
     g.send(&frame(60, 0));
-    q.run_event(&*g);
+    g.run_event(&mut q);
     assert_eq!(
         g.rx_ctl.borrow().broken,
         Some(ChainError::ReadOnlyInWriteChain)
@@ -409,7 +412,7 @@ fn undersized_tx_chain_is_refused() {
     let a = g.alloc(8);
     g.desc(true, 0, a, 8, 0, 0);
     g.publish(true, 0);
-    q.run_event(&*g);
+    g.run_event(&mut q);
     assert!(matches!(
         g.tx_ctl.borrow().broken,
         Some(ChainError::Undersized { .. })
@@ -422,7 +425,7 @@ fn inactive_rings_are_not_touched() {
     let mut q = qp();
     g.tx_ctl.borrow_mut().active = false;
     g.send(&frame(60, 0));
-    q.run_event(&*g);
+    g.run_event(&mut q);
     assert!(g.used(true).is_empty());
     assert_eq!(q.stats.tx_frames, 0);
 }
@@ -464,7 +467,7 @@ fn rx_writes_and_used_ring_are_logged_while_logging() {
     let b1 = g.post_rx(2048);
     g.send(&frame(1000, 1));
     g.send(&frame(60, 2));
-    q.run_event(&*g);
+    g.run_event(&mut q);
     assert_eq!(g.used(false).len(), 2);
     let pages = logged_pages(&log);
     let page = |a: u64| (a - BASE) >> 12;
@@ -490,7 +493,7 @@ fn nothing_is_logged_while_logging_is_off() {
     let mut q = qp();
     g.post_rx(2048);
     g.send(&frame(100, 1));
-    q.run_event(&*g);
+    g.run_event(&mut q);
     assert_eq!(g.used(false).len(), 1);
     assert!(logged_pages(&log).is_empty());
 }
@@ -503,7 +506,7 @@ fn rolled_back_mergeable_writes_are_still_logged() {
     g.data_next = BASE + 0x50000;
     let b0 = g.post_rx(64);
     g.send(&frame(500, 1));
-    q.run_event(&*g);
+    g.run_event(&mut q);
     assert!(g.used(false).is_empty(), "frame needs more buffers");
     assert!(logged_pages(&log).contains(&((b0 - BASE) >> 12)));
 }
@@ -525,7 +528,7 @@ fn a_buffer_across_two_regions_is_logged_in_both() {
     g.post_rx(2048);
     g.data_next = BASE + 0x60000; // TX data back in region 1
     g.send(&frame(1000, 7));
-    q.run_event(&*g);
+    g.run_event(&mut q);
     assert_eq!(g.used(false), vec![(0, 1012)]);
     let pages = logged_pages(&log);
     let page = |a: u64| (a - BASE) >> 12;
@@ -552,6 +555,6 @@ fn frames_queued_without_a_guest_are_discarded() {
     assert_eq!(q.discard_backend_rx(), 5);
     assert_eq!(q.stats.rx_dropped, 5);
     g.post_rx(2048);
-    q.run_event(&*g);
+    g.run_event(&mut q);
     assert!(g.used(false).is_empty(), "nothing stale delivered");
 }

@@ -10,8 +10,9 @@ pub const API_VERSION: u64 = 0;
 pub const NAME_MAX: usize = 256;
 
 pub const VIRTIO_ID_NET: u32 = 1;
-pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
-pub const VIRTIO_NET_F_CTRL_VQ: u64 = 1 << 17;
+pub use crate::net::{
+    F_ACCESS_PLATFORM as VIRTIO_F_ACCESS_PLATFORM, F_CTRL_VQ as VIRTIO_NET_F_CTRL_VQ,
+};
 pub const VIRTIO_CONFIG_S_DRIVER_OK: u8 = 4;
 
 /// Request types (enum vduse_req_type).

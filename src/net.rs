@@ -1,9 +1,26 @@
-//! The virtio-net device both frontends present: features and config space.
+//! virtio-net facts both frontends share: the feature bits (numbers from
+//! virtio-bindings, as masks), the config space, MAC addresses, the RARP
+//! frame.
 
-pub const VIRTIO_NET_F_MTU: u64 = 1 << 3;
-pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
-pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
-pub const VIRTIO_NET_F_MQ: u64 = 1 << 22;
+use virtio_bindings::{virtio_config as vc, virtio_net as vn, virtio_ring as vr};
+
+const fn bit(n: u32) -> u64 {
+    1 << n
+}
+
+pub const F_MTU: u64 = bit(vn::VIRTIO_NET_F_MTU);
+pub const F_MAC: u64 = bit(vn::VIRTIO_NET_F_MAC);
+pub const F_STATUS: u64 = bit(vn::VIRTIO_NET_F_STATUS);
+pub const F_MQ: u64 = bit(vn::VIRTIO_NET_F_MQ);
+pub const F_CTRL_VQ: u64 = bit(vn::VIRTIO_NET_F_CTRL_VQ);
+pub const F_MRG_RXBUF: u64 = bit(vn::VIRTIO_NET_F_MRG_RXBUF);
+/// QEMU lets the guest announce itself after migration; without it QEMU
+/// asks the back end to (SEND_RARP).
+pub const F_GUEST_ANNOUNCE: u64 = bit(vn::VIRTIO_NET_F_GUEST_ANNOUNCE);
+pub const F_INDIRECT_DESC: u64 = bit(vr::VIRTIO_RING_F_INDIRECT_DESC);
+pub const F_EVENT_IDX: u64 = bit(vr::VIRTIO_RING_F_EVENT_IDX);
+pub const F_VERSION_1: u64 = bit(vc::VIRTIO_F_VERSION_1);
+pub const F_ACCESS_PLATFORM: u64 = bit(vc::VIRTIO_F_ACCESS_PLATFORM);
 
 /// Size of the virtio_net_config fields we implement
 /// (mac, status, max_virtqueue_pairs, mtu).
@@ -17,26 +34,16 @@ pub struct NetConfig {
     pub mtu: u16,
     pub queue_pairs: usize,
     pub queue_size: u16,
-    pub poll: bool,
 }
 
 impl NetConfig {
     /// The virtio-net features both frontends offer (backend offloads and
     /// transport bits are added by each frontend).
     pub fn virtio_features(&self) -> u64 {
-        use crate::dataplane::{
-            VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_RING_F_EVENT_IDX,
-            VIRTIO_RING_F_INDIRECT_DESC,
-        };
-        let mut f = VIRTIO_F_VERSION_1
-            | VIRTIO_NET_F_MRG_RXBUF
-            | VIRTIO_RING_F_EVENT_IDX
-            | VIRTIO_RING_F_INDIRECT_DESC
-            | VIRTIO_NET_F_MAC
-            | VIRTIO_NET_F_STATUS
-            | VIRTIO_NET_F_MTU;
+        let mut f =
+            F_VERSION_1 | F_MRG_RXBUF | F_EVENT_IDX | F_INDIRECT_DESC | F_MAC | F_STATUS | F_MTU;
         if self.queue_pairs > 1 {
-            f |= VIRTIO_NET_F_MQ;
+            f |= F_MQ;
         }
         f
     }
@@ -137,7 +144,6 @@ mod tests {
             mtu: 1500,
             queue_pairs: 2,
             queue_size: 256,
-            poll: false,
         }
     }
 

@@ -1,0 +1,472 @@
+//! Worker threads: each owns a set of queue pairs (from any ports) and runs
+//! them, busy-polling or sleeping in one epoll over all their kicks and
+//! backend fds.
+//!
+//! Control never touches a ring a worker is using. It sends a [`Cmd`]
+//! (channel + eventfd wake-up) that the worker applies between bursts, and
+//! waits for it: so a request that must not return before the rings are
+//! quiet (GET_VRING_BASE, logging on, a new memory table) returns exactly
+//! when no burst can still run under the old settings, and no request waits
+//! on a busy queue for longer than one bounded service turn.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver, Sender};
+use log::{debug, error, warn};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::dirty_log::DirtyLog;
+use super::mem::MemView;
+use super::vring::Vring;
+use super::QueuePair;
+
+/// A port as the dataplane knows it: a number the daemon hands out.
+pub type PortId = u64;
+
+/// One queue pair of one port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QpKey {
+    pub port: PortId,
+    pub index: usize,
+}
+
+/// Rounds an event-mode worker gives one queue pair before it looks at its
+/// other queues and its commands again.
+const SERVICE_ROUNDS: usize = 16;
+
+/// Everything the dataplane needs to run one queue pair: what a frontend
+/// hands over (memory view, vring state, notifier inside the vrings) plus
+/// the backend queue and ring caches in [`QueuePair`].
+pub struct Slot {
+    pub key: QpKey,
+    pub qp: QueuePair,
+    pub rx: Vring,
+    pub tx: Vring,
+    pub mem: Arc<MemView>,
+    /// The dirty log, only while the front end has logging on.
+    pub log: Option<Arc<DirtyLog>>,
+}
+
+impl Slot {
+    pub fn new(key: QpKey, qp: QueuePair) -> Self {
+        Slot {
+            key,
+            qp,
+            rx: Vring::new(2 * key.index as u16),
+            tx: Vring::new(2 * key.index as u16 + 1),
+            mem: Arc::new(MemView::empty()),
+            log: None,
+        }
+    }
+
+    /// The front end went away or reset the device: rings, memory and log
+    /// forgotten (and so unmapped once nothing else holds them).
+    pub fn reset(&mut self) {
+        self.rx.reset();
+        self.tx.reset();
+        self.mem = Arc::new(MemView::empty());
+        self.log = None;
+        self.qp.reset();
+    }
+
+    pub fn vring_mut(&mut self, vq: usize) -> &mut Vring {
+        if vq.is_multiple_of(2) {
+            &mut self.rx
+        } else {
+            &mut self.tx
+        }
+    }
+
+    fn round(&mut self) -> usize {
+        self.qp
+            .round(&self.mem, self.log.as_deref(), &mut self.rx, &mut self.tx)
+    }
+
+    fn set_kicks(&mut self, on: bool) {
+        self.qp.set_kicks(&self.mem, &mut self.rx, &mut self.tx, on);
+    }
+
+    fn active(&self) -> bool {
+        use super::RingCtl;
+        self.rx.active() || self.tx.active()
+    }
+
+    /// Event mode: work until idle (at most `rounds`), then ask for kicks
+    /// and look once more so a buffer added meanwhile is not missed. True
+    /// if there is more to do right away.
+    fn service(&mut self, rounds: usize) -> (usize, bool) {
+        let mut moved = 0;
+        for _ in 0..rounds {
+            let n = self.round();
+            moved += n;
+            if n == 0 {
+                self.set_kicks(true);
+                let n = self.round();
+                moved += n;
+                if n > 0 {
+                    self.set_kicks(false);
+                    return (moved, true);
+                }
+                return (moved, false);
+            }
+        }
+        (moved, true)
+    }
+}
+
+/// A closure the worker runs on one of its queue pairs between bursts.
+pub type ApplyFn = Box<dyn FnOnce(&mut Slot) + Send>;
+
+pub enum Cmd {
+    Add(Box<Slot>),
+    /// Take the queue pair out; it is sent back.
+    Remove(QpKey, Sender<Box<Slot>>),
+    Apply(QpKey, ApplyFn),
+    Stop,
+}
+
+/// What the control side sees of a worker.
+pub struct WorkerHandle {
+    pub id: usize,
+    pub cpu: Option<usize>,
+    pub poll: bool,
+    tx: Sender<Cmd>,
+    wake: Arc<EventFd>,
+    /// Fraction of the last second spent moving frames, in millionths.
+    busy_ppm: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    /// Start worker `id`, pinned to `cpu` when given.
+    pub fn spawn(id: usize, cpu: Option<usize>, poll: bool) -> io::Result<WorkerHandle> {
+        let (tx, rx) = channel::unbounded();
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let busy_ppm = Arc::new(AtomicU64::new(0));
+        let mut w = Worker {
+            id,
+            poll,
+            rx,
+            wake: wake.clone(),
+            busy_ppm: busy_ppm.clone(),
+            epoll: Epoll::new()?,
+            entries: Vec::new(),
+            next_uid: 0,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("worker{id}"))
+            .spawn(move || {
+                if let Some(cpu) = cpu {
+                    pin_to(cpu);
+                }
+                if let Err(e) = w.run() {
+                    error!("worker {id}: {e}");
+                }
+            })?;
+        Ok(WorkerHandle {
+            id,
+            cpu,
+            poll,
+            tx,
+            wake,
+            busy_ppm,
+            thread: Some(thread),
+        })
+    }
+
+    fn send(&self, c: Cmd) {
+        if self.tx.send(c).is_err() {
+            warn!("worker {}: gone, command dropped", self.id);
+        }
+        let _ = self.wake.write(1);
+    }
+
+    pub fn add(&self, slot: Box<Slot>) {
+        self.send(Cmd::Add(slot));
+    }
+
+    /// Take a queue pair back (None if this worker does not have it).
+    pub fn remove(&self, key: QpKey) -> Option<Box<Slot>> {
+        let (tx, rx) = channel::bounded(1);
+        self.send(Cmd::Remove(key, tx));
+        rx.recv().ok()
+    }
+
+    /// Run `f` on queue pair `key` between two bursts and return its result
+    /// once it ran (None if this worker does not have the pair). Waits as
+    /// long as it takes: a worker finishes any burst in bounded time.
+    pub fn apply<R: Send + 'static>(
+        &self,
+        key: QpKey,
+        f: impl FnOnce(&mut Slot) -> R + Send + 'static,
+    ) -> Option<R> {
+        let (tx, rx) = channel::bounded(1);
+        self.send(Cmd::Apply(
+            key,
+            Box::new(move |s| {
+                let _ = tx.send(f(s));
+            }),
+        ));
+        rx.recv().ok()
+    }
+
+    pub fn busy(&self) -> f64 {
+        self.busy_ppm.load(Ordering::Relaxed) as f64 / 1e6
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.send(Cmd::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays inside it for
+    // cpu < CPU_SETSIZE (checked), and sched_setaffinity reads it only.
+    unsafe {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            warn!("cpu {cpu} out of range, not pinning");
+            return;
+        }
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            warn!("pinning to cpu {cpu}: {}", io::Error::last_os_error());
+        }
+    }
+}
+
+/// A queue pair inside a worker, with what the worker registered for it.
+struct Entry {
+    slot: Box<Slot>,
+    uid: u64,
+    /// Fds this entry has in the epoll (event mode), in token order.
+    registered: Vec<(RawFd, u64)>,
+    /// Has work right now (a kick or backend event, or a turn cut short).
+    ready: bool,
+    /// Poll mode: guest kicks switched off for the rings as they are now.
+    kicks_off: bool,
+}
+
+const WAKE_TOKEN: u64 = u64::MAX;
+const KIND_BITS: u64 = 2;
+const RX_KICK: u64 = 0;
+const TX_KICK: u64 = 1;
+const BACKEND: u64 = 2;
+
+struct Worker {
+    id: usize,
+    poll: bool,
+    rx: Receiver<Cmd>,
+    wake: Arc<EventFd>,
+    busy_ppm: Arc<AtomicU64>,
+    epoll: Epoll,
+    entries: Vec<Entry>,
+    next_uid: u64,
+}
+
+impl Worker {
+    fn run(&mut self) -> io::Result<()> {
+        self.epoll.ctl(
+            ControlOperation::Add,
+            self.wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, WAKE_TOKEN),
+        )?;
+        debug!(
+            "worker {}: running ({} mode)",
+            self.id,
+            if self.poll { "poll" } else { "event" }
+        );
+        let mut events = vec![EpollEvent::default(); 64];
+        let mut window = Instant::now();
+        let mut busy = Duration::ZERO;
+        let mut last = Instant::now();
+        loop {
+            // Commands first: they are rare, and a poll-mode worker sees
+            // them with a couple of loads, no syscall.
+            if !self.rx.is_empty() && !self.commands() {
+                return Ok(());
+            }
+            let moved = if self.poll && !self.entries.is_empty() {
+                self.poll_round()
+            } else {
+                let any_ready = self.entries.iter().any(|e| e.ready);
+                let timeout = if any_ready { 0 } else { 1000 };
+                let n = match self.epoll.wait(timeout, &mut events) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+                    Err(e) => return Err(e),
+                };
+                for ev in &events[..n] {
+                    self.event(ev.data());
+                }
+                if !self.commands() {
+                    return Ok(());
+                }
+                self.event_round()
+            };
+            let now = Instant::now();
+            if moved > 0 {
+                busy += now - last;
+            }
+            last = now;
+            if now - window >= Duration::from_secs(1) {
+                let total = (now - window).as_nanos().max(1);
+                let ppm = (busy.as_nanos() * 1_000_000 / total) as u64;
+                self.busy_ppm.store(ppm.min(1_000_000), Ordering::Relaxed);
+                busy = Duration::ZERO;
+                window = now;
+            }
+        }
+    }
+
+    fn poll_round(&mut self) -> usize {
+        let mut moved = 0;
+        for e in &mut self.entries {
+            if !e.kicks_off && e.slot.active() {
+                e.slot.set_kicks(false);
+                e.kicks_off = true;
+            }
+            moved += e.slot.round();
+        }
+        moved
+    }
+
+    fn event_round(&mut self) -> usize {
+        let mut moved = 0;
+        for e in &mut self.entries {
+            if e.ready {
+                let (n, more) = e.slot.service(SERVICE_ROUNDS);
+                moved += n;
+                e.ready = more;
+            }
+        }
+        moved
+    }
+
+    fn event(&mut self, token: u64) {
+        if token == WAKE_TOKEN {
+            let _ = self.wake.read();
+            return;
+        }
+        let uid = token >> KIND_BITS;
+        let Some(e) = self.entries.iter_mut().find(|e| e.uid == uid) else {
+            return;
+        };
+        let kick = match token & ((1 << KIND_BITS) - 1) {
+            RX_KICK => e.slot.rx.kick.as_ref(),
+            TX_KICK => e.slot.tx.kick.as_ref(),
+            _ => None,
+        };
+        if let Some(k) = kick {
+            let _ = k.read();
+        }
+        e.ready = true;
+    }
+
+    /// Apply every queued command; false on Stop.
+    fn commands(&mut self) -> bool {
+        while let Ok(c) = self.rx.try_recv() {
+            match c {
+                Cmd::Add(slot) => {
+                    let uid = self.next_uid;
+                    self.next_uid += 1;
+                    let mut e = Entry {
+                        slot,
+                        uid,
+                        registered: Vec::new(),
+                        ready: true,
+                        kicks_off: false,
+                    };
+                    register(&self.epoll, self.poll, self.id, &mut e);
+                    self.entries.push(e);
+                }
+                Cmd::Remove(key, back) => {
+                    if let Some(pos) = self.entries.iter().position(|e| e.slot.key == key) {
+                        let mut e = self.entries.swap_remove(pos);
+                        unregister(&self.epoll, &mut e);
+                        let _ = back.send(e.slot);
+                    }
+                }
+                Cmd::Apply(key, f) => {
+                    let Some(e) = self.entries.iter_mut().find(|e| e.slot.key == key) else {
+                        continue;
+                    };
+                    // Unregister while the old fds are still open: the
+                    // closure may close them, and a number reused by a new
+                    // fd must not inherit (or lose) a registration.
+                    unregister(&self.epoll, e);
+                    f(&mut e.slot);
+                    e.kicks_off = false;
+                    e.ready = true;
+                    register(&self.epoll, self.poll, self.id, e);
+                }
+                Cmd::Stop => return false,
+            }
+        }
+        true
+    }
+}
+
+fn register(epoll: &Epoll, poll: bool, id: usize, e: &mut Entry) {
+    if poll {
+        return;
+    }
+    let base = e.uid << KIND_BITS;
+    let mut want = Vec::new();
+    if let Some(fd) = e.slot.rx.kick_fd() {
+        want.push((fd, base | RX_KICK, EventSet::IN));
+    }
+    if let Some(fd) = e.slot.tx.kick_fd() {
+        want.push((fd, base | TX_KICK, EventSet::IN));
+    }
+    // Edge-triggered: the dataplane drains the backend on every event, and
+    // a guest without RX buffers must not make the worker spin.
+    if let Some(fd) = e.slot.qp.backend.poll_fd() {
+        want.push((
+            fd,
+            base | BACKEND,
+            EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+        ));
+    }
+    for (fd, token, set) in want {
+        match epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(set, token)) {
+            Ok(()) => e.registered.push((fd, token)),
+            Err(err) => error!("worker {id}: watching fd {fd}: {err}"),
+        }
+    }
+}
+
+fn unregister(epoll: &Epoll, e: &mut Entry) {
+    for (fd, _) in e.registered.drain(..) {
+        let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+    }
+}
+
+/// Where one queue pair lives: its worker and key. What a frontend holds to
+/// change the pair's state.
+#[derive(Clone)]
+pub struct QpRef {
+    pub worker: Arc<WorkerHandle>,
+    pub key: QpKey,
+}
+
+impl QpRef {
+    /// [`WorkerHandle::apply`] on this pair.
+    pub fn apply<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Slot) -> R + Send + 'static,
+    ) -> Option<R> {
+        self.worker.apply(self.key, f)
+    }
+}

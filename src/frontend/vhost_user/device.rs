@@ -1,0 +1,666 @@
+//! One vhost-user virtio-net device: what the front end configured over
+//! its connection (features, memory table, vrings, dirty log), applied to
+//! the queue pairs the workers run.
+//!
+//! Every request is checked here, where it enters. Changes reach a queue
+//! pair only as a worker command, which returns once the worker applied it
+//! between bursts: when GET_VRING_BASE, a new memory table or logging turned
+//! on is answered, no burst can still run under the old settings.
+
+use std::fs::File;
+use std::os::fd::{AsFd, FromRawFd, IntoRawFd};
+use std::sync::Arc;
+
+use log::{debug, info, warn};
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserConfig, VhostUserLog, VhostUserMemory, VhostUserMemoryRegion,
+    VhostUserMsgValidator, VhostUserProtocolFeatures, VhostUserSingleMemoryRegion, VhostUserU64,
+    VhostUserVirtioFeatures, VhostUserVringAddr, VhostUserVringState,
+};
+use vm_memory::mmap::MmapRegion;
+use vm_memory::ByteValued;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::protocol::{body, Request, WireError};
+use crate::dataplane::dirty_log::DirtyLog;
+use crate::dataplane::mem::MemView;
+use crate::dataplane::ring::RingAddrs;
+use crate::dataplane::worker::QpRef;
+use crate::net;
+use crate::net::NetConfig;
+
+pub const F_PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+/// The front end may ask for dirty-page logging.
+pub const F_LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
+/// Memory regions one device may have (GET_MAX_MEM_SLOTS).
+pub const MAX_MEM_SLOTS: usize = 32;
+/// SET_VRING_ADDR flag: log used-ring writes at `log`.
+const VRING_F_LOG: u32 = 1;
+/// Largest config space read (vhost-user caps GET_CONFIG payloads).
+const MAX_CONFIG_READ: u32 = 256;
+
+/// How a request failed.
+#[derive(Debug)]
+pub enum Failure {
+    /// The request was refused; the connection goes on (REPLY_ACK says so).
+    Refused(String),
+    /// The front end broke the protocol: close this connection.
+    Close(String),
+}
+
+impl From<WireError> for Failure {
+    fn from(e: WireError) -> Self {
+        Failure::Close(e.to_string())
+    }
+}
+
+fn refused<T>(msg: impl Into<String>) -> Result<T, Failure> {
+    Err(Failure::Refused(msg.into()))
+}
+
+fn close<T>(msg: impl Into<String>) -> Result<T, Failure> {
+    Err(Failure::Close(msg.into()))
+}
+
+/// A mapped memory table entry.
+struct MemRegion {
+    gpa: u64,
+    size: u64,
+    /// Where the front end has it mapped: ring addresses come in this space.
+    uaddr: u64,
+    map: Arc<MmapRegion<()>>,
+}
+
+/// What the front end told us about one vring.
+#[derive(Default, Clone, Copy)]
+struct VringCfg {
+    size: u16,
+    /// desc, used, avail in the front end's address space.
+    va: Option<(u64, u64, u64)>,
+    log_addr: Option<u64>,
+    base: u16,
+    enabled: bool,
+    started: bool,
+}
+
+pub struct Device {
+    name: String,
+    cfg: NetConfig,
+    offloads: u64,
+    qps: Vec<QpRef>,
+    acked: u64,
+    protocol: u64,
+    regions: Vec<MemRegion>,
+    mem: Arc<MemView>,
+    log: Option<Arc<DirtyLog>>,
+    vrings: Vec<VringCfg>,
+    /// Test-only: pretend to log (VFRELAY_TEST_DISABLE_DIRTY_LOG=1), so the
+    /// migration test can show it catches a missing log.
+    log_disabled_for_test: bool,
+}
+
+impl Device {
+    pub fn new(name: String, cfg: NetConfig, offloads: u64, qps: Vec<QpRef>) -> Self {
+        let vrings = vec![VringCfg::default(); 2 * qps.len()];
+        Device {
+            name,
+            cfg,
+            offloads,
+            qps,
+            acked: 0,
+            protocol: 0,
+            regions: Vec::new(),
+            mem: Arc::new(MemView::empty()),
+            log: None,
+            vrings,
+            log_disabled_for_test: std::env::var_os("VFRELAY_TEST_DISABLE_DIRTY_LOG")
+                .is_some_and(|v| v == "1"),
+        }
+    }
+
+    /// Features offered to the driver.
+    pub fn features(&self) -> u64 {
+        self.cfg.virtio_features()
+            | self.offloads
+            | F_PROTOCOL_FEATURES
+            | F_LOG_ALL
+            | net::F_GUEST_ANNOUNCE
+    }
+
+    pub fn protocol_features() -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::LOG_SHMFD
+            | VhostUserProtocolFeatures::RARP
+    }
+
+    pub fn reply_ack(&self) -> bool {
+        self.protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
+    }
+
+    fn logging(&self) -> bool {
+        self.acked & F_LOG_ALL != 0
+    }
+
+    /// The log the workers mark: only while the front end has LOG_ALL on.
+    fn active_log(&self) -> Option<Arc<DirtyLog>> {
+        if !self.logging() || self.log_disabled_for_test {
+            return None;
+        }
+        self.log.clone()
+    }
+
+    /// A new front end: drop what the backend received while nobody was
+    /// attached, so it does not get stale frames seconds or minutes late.
+    pub fn begin_connection(&mut self) {
+        for (i, q) in self.qps.iter().enumerate() {
+            let n = q.apply(|s| s.qp.discard_backend_rx()).unwrap_or(0);
+            if n > 0 {
+                info!(
+                    "{}: queue pair {i}: dropped {n} frames that arrived while no front end was attached",
+                    self.name
+                );
+            }
+        }
+    }
+
+    /// The front end went away: log the counters, and forget its memory,
+    /// log and rings (nothing of the old guest stays mapped: its QEMU may be
+    /// gone for good, e.g. after migrating away).
+    pub fn end_connection(&mut self) {
+        for (i, q) in self.qps.iter().enumerate() {
+            let got = q.apply(|s| {
+                let st = (s.qp.stats, s.qp.backend.stats());
+                s.reset();
+                st
+            });
+            if let Some((stats, backend)) = got {
+                info!(
+                    "{}: queue pair {i} stats: {stats} backend: {backend:?}",
+                    self.name
+                );
+            }
+        }
+        self.acked = 0;
+        self.protocol = 0;
+        self.regions.clear();
+        self.mem = Arc::new(MemView::empty());
+        self.log = None;
+        self.vrings.fill(VringCfg::default());
+    }
+
+    /// Handle one request: Ok(Some(payload)) for a request with a defined
+    /// reply, Ok(None) for one without.
+    pub fn handle(&mut self, r: Request) -> Result<Option<Vec<u8>>, Failure> {
+        use FrontendReq::*;
+        let u64_reply = |v: u64| Ok(Some(VhostUserU64::new(v).as_slice().to_vec()));
+        match r.req {
+            GET_FEATURES => u64_reply(self.features()),
+            SET_FEATURES => {
+                let v = body::<VhostUserU64>(&r)?.value;
+                self.set_features(v & self.features());
+                Ok(None)
+            }
+            SET_OWNER => Ok(None),
+            RESET_OWNER | RESET_DEVICE => {
+                self.reset_device();
+                Ok(None)
+            }
+            GET_PROTOCOL_FEATURES => u64_reply(Self::protocol_features().bits()),
+            SET_PROTOCOL_FEATURES => {
+                let v = body::<VhostUserU64>(&r)?.value;
+                self.protocol = v & Self::protocol_features().bits();
+                Ok(None)
+            }
+            GET_QUEUE_NUM => u64_reply(self.vrings.len() as u64),
+            SET_MEM_TABLE => self.set_mem_table(r).map(|_| None),
+            ADD_MEM_REG => self.add_mem_reg(r).map(|_| None),
+            REM_MEM_REG => self.rem_mem_reg(&r).map(|_| None),
+            GET_MAX_MEM_SLOTS => u64_reply(MAX_MEM_SLOTS as u64),
+            SET_LOG_BASE => self.set_log_base(r).map(|_| Some(Vec::new())),
+            // The legacy log eventfd: nothing to tell it (the fd is closed).
+            SET_LOG_FD => Ok(None),
+            SET_VRING_NUM => {
+                let s = body::<VhostUserVringState>(&r)?;
+                let v = self.vring_index(s.index)?;
+                if s.num == 0 || s.num > self.cfg.queue_size as u32 || !s.num.is_power_of_two() {
+                    return close(format!(
+                        "vring {v}: size {} (a power of two up to {})",
+                        { s.num },
+                        self.cfg.queue_size
+                    ));
+                }
+                self.vrings[v].size = s.num as u16;
+                Ok(None)
+            }
+            SET_VRING_ADDR => self.set_vring_addr(&r).map(|_| None),
+            SET_VRING_BASE => {
+                let s = body::<VhostUserVringState>(&r)?;
+                let v = self.vring_index(s.index)?;
+                if s.num > u16::MAX as u32 {
+                    return close(format!("vring {v}: base {} is not a ring index", { s.num }));
+                }
+                self.vrings[v].base = s.num as u16;
+                Ok(None)
+            }
+            GET_VRING_BASE => {
+                let s = body::<VhostUserVringState>(&r)?;
+                let v = self.vring_index(s.index)?;
+                let base = self.stop_ring(v);
+                Ok(Some(
+                    VhostUserVringState::new(v as u32, base as u32)
+                        .as_slice()
+                        .to_vec(),
+                ))
+            }
+            SET_VRING_KICK => {
+                let (v, fd) = self.vring_fd(r)?;
+                self.start_ring(v, fd).map(|_| None)
+            }
+            SET_VRING_CALL => {
+                let (v, fd) = self.vring_fd(r)?;
+                self.qp_of(v).apply(move |s| s.vring_mut(v).call = fd);
+                Ok(None)
+            }
+            SET_VRING_ERR => {
+                let (v, fd) = self.vring_fd(r)?;
+                self.qp_of(v).apply(move |s| s.vring_mut(v).err = fd);
+                Ok(None)
+            }
+            // Accepted at any time: QEMU disables the extra queue pairs at
+            // realize, before SET_FEATURES, as soon as PROTOCOL_FEATURES is
+            // offered.
+            SET_VRING_ENABLE => {
+                let s = body::<VhostUserVringState>(&r)?;
+                let v = self.vring_index(s.index)?;
+                let on = s.num == 1;
+                self.vrings[v].enabled = on;
+                debug!(
+                    "{}: vring {v} {}",
+                    self.name,
+                    if on { "enabled" } else { "disabled" }
+                );
+                self.qp_of(v).apply(move |s| s.vring_mut(v).enabled = on);
+                Ok(None)
+            }
+            SEND_RARP => {
+                let mut mac = [0u8; 6];
+                mac.copy_from_slice(
+                    r.body
+                        .get(..6)
+                        .ok_or_else(|| Failure::Close("SEND_RARP without a MAC".into()))?,
+                );
+                info!(
+                    "{}: announcing {} (RARP) after migration",
+                    self.name,
+                    net::format_mac(&mac)
+                );
+                self.qps[0].apply(move |s| s.qp.announce(&mac));
+                Ok(None)
+            }
+            GET_CONFIG => self.get_config(&r).map(Some),
+            // virtio-net's config space is read-only for a modern driver.
+            SET_CONFIG => refused("the virtio-net config space is read-only"),
+            // Backend-initiated requests are not offered; take the fd and
+            // drop it.
+            SET_BACKEND_REQ_FD => Ok(None),
+            other => close(format!("{other:?} is not supported (never offered)")),
+        }
+    }
+
+    fn vring_index(&self, index: u32) -> Result<usize, Failure> {
+        let v = index as usize;
+        if v >= self.vrings.len() {
+            return close(format!(
+                "vring {index} does not exist (the device has {})",
+                self.vrings.len()
+            ));
+        }
+        Ok(v)
+    }
+
+    fn qp_of(&self, vring: usize) -> &QpRef {
+        &self.qps[vring / 2]
+    }
+
+    /// SET_VRING_KICK/CALL/ERR: the vring and its eventfd (None: polled).
+    fn vring_fd(&self, mut r: Request) -> Result<(usize, Option<EventFd>), Failure> {
+        let v = body::<VhostUserU64>(&r)?.value;
+        let vring = self.vring_index((v & 0xff) as u32)?;
+        let fd = r.files.pop().map(|f| {
+            // SAFETY: the File owned this fd; ownership moves to the EventFd.
+            unsafe { EventFd::from_raw_fd(f.into_raw_fd()) }
+        });
+        Ok((vring, fd))
+    }
+
+    fn set_features(&mut self, v: u64) {
+        let was_logging = self.logging();
+        debug!("{}: driver acked features {v:#x}", self.name);
+        self.acked = v;
+        if v & F_PROTOCOL_FEATURES == 0 {
+            // Without PROTOCOL_FEATURES a ring is enabled once started.
+            for c in &mut self.vrings {
+                c.enabled = true;
+            }
+        }
+        if self.logging() != was_logging {
+            if self.logging() && self.log_disabled_for_test {
+                warn!("dirty-page logging requested but disabled for testing: migration WILL corrupt guest memory");
+            }
+            info!(
+                "{}: dirty-page logging {}",
+                self.name,
+                if self.logging() { "on" } else { "off" }
+            );
+        }
+        self.sync_all();
+    }
+
+    /// Features, memory, log and enable state to every queue pair. Each
+    /// apply returns after the worker's current burst: the reply to the
+    /// request that changed them comes only when they are in force.
+    fn sync_all(&self) {
+        let features = self.acked;
+        let log = self.active_log();
+        for (i, q) in self.qps.iter().enumerate() {
+            let mem = self.mem.clone();
+            let log = log.clone();
+            let en = (self.vrings[2 * i].enabled, self.vrings[2 * i + 1].enabled);
+            let event_idx = features & net::F_EVENT_IDX != 0;
+            q.apply(move |s| {
+                s.qp.sync_features(features);
+                s.mem = mem;
+                s.log = log;
+                s.rx.enabled = en.0;
+                s.tx.enabled = en.1;
+                s.rx.event_idx = event_idx;
+                s.tx.event_idx = event_idx;
+            });
+        }
+    }
+
+    fn reset_device(&mut self) {
+        for q in &self.qps {
+            q.apply(|s| {
+                s.rx.reset();
+                s.tx.reset();
+                s.log = None;
+                s.qp.reset();
+            });
+        }
+        self.acked = 0;
+        self.log = None;
+        self.vrings.fill(VringCfg::default());
+    }
+
+    /// Front-end address of a ring part to guest-physical.
+    fn va_to_gpa(&self, va: u64, len: u64) -> Option<u64> {
+        self.regions.iter().find_map(|r| {
+            let off = va.checked_sub(r.uaddr)?;
+            (off < r.size && len <= r.size - off).then_some(r.gpa + off)
+        })
+    }
+
+    fn ring_addrs(&self, v: usize) -> Result<RingAddrs, String> {
+        let c = &self.vrings[v];
+        let Some((desc, used, avail)) = c.va else {
+            return Err(format!("vring {v} started without addresses"));
+        };
+        let n = c.size.max(1) as u64;
+        let t = |va: u64, len: u64, what: &str| {
+            self.va_to_gpa(va, len)
+                .ok_or_else(|| format!("vring {v}: {what} at {va:#x} is outside the memory table"))
+        };
+        Ok(RingAddrs {
+            desc: t(desc, 16 * n, "descriptor table")?,
+            avail: t(avail, 6 + 2 * n, "avail ring")?,
+            used: t(used, 6 + 8 * n, "used ring")?,
+            size: if c.size == 0 {
+                self.cfg.queue_size
+            } else {
+                c.size
+            },
+        })
+    }
+
+    fn start_ring(&mut self, v: usize, kick: Option<EventFd>) -> Result<(), Failure> {
+        let addrs = match self.ring_addrs(v) {
+            Ok(a) => a,
+            Err(e) => return refused(e),
+        };
+        let c = &mut self.vrings[v];
+        c.started = true;
+        let c = *c;
+        let features = self.acked;
+        let event_idx = features & net::F_EVENT_IDX != 0;
+        let (mem, log) = (self.mem.clone(), self.active_log());
+        debug!(
+            "{}: vring {v} started: {addrs:?} from {} ({})",
+            self.name,
+            c.base,
+            if c.enabled { "enabled" } else { "disabled" }
+        );
+        self.qp_of(v).apply(move |s| {
+            s.qp.sync_features(features);
+            s.mem = mem;
+            s.log = log;
+            let r = s.vring_mut(v);
+            r.addrs = Some(addrs);
+            // Every chain before the base was used: used resumes there too.
+            r.next_avail = c.base;
+            r.next_used = c.base;
+            r.event_idx = event_idx;
+            r.enabled = c.enabled;
+            r.log_addr = c.log_addr;
+            r.kick = kick;
+            r.started = true;
+        });
+        Ok(())
+    }
+
+    /// GET_VRING_BASE: stop the ring; where the guest should resume.
+    fn stop_ring(&mut self, v: usize) -> u16 {
+        self.vrings[v].started = false;
+        let base = self
+            .qp_of(v)
+            .apply(move |s| {
+                let r = s.vring_mut(v);
+                r.started = false;
+                r.kick = None;
+                r.next_avail
+            })
+            .unwrap_or(self.vrings[v].base);
+        debug!("{}: vring {v} stopped at {base}", self.name);
+        base
+    }
+
+    fn set_vring_addr(&mut self, r: &Request) -> Result<(), Failure> {
+        let a = body::<VhostUserVringAddr>(r)?;
+        let v = self.vring_index(a.index)?;
+        let c = &mut self.vrings[v];
+        c.va = Some((a.descriptor, a.used, a.available));
+        c.log_addr = (a.flags & VRING_F_LOG != 0).then_some(a.log);
+        if !c.started {
+            return Ok(());
+        }
+        // QEMU sends this to a running ring to switch used-ring logging on
+        // or off around a migration: addresses (normally the same) and log
+        // address change between bursts, indices stay.
+        let log_addr = c.log_addr;
+        let addrs = match self.ring_addrs(v) {
+            Ok(a) => a,
+            Err(e) => return refused(e),
+        };
+        self.qp_of(v).apply(move |s| {
+            let r = s.vring_mut(v);
+            r.addrs = Some(addrs);
+            r.log_addr = log_addr;
+        });
+        Ok(())
+    }
+
+    fn map_region(&self, d: &VhostUserMemoryRegion, file: File) -> Result<MemRegion, Failure> {
+        if !d.is_valid() {
+            return close(format!(
+                "memory region {:#x}+{:#x}: invalid",
+                { d.guest_phys_addr },
+                { d.memory_size }
+            ));
+        }
+        match d.mmap_region::<()>(file) {
+            Ok(m) => Ok(MemRegion {
+                gpa: d.guest_phys_addr,
+                size: d.memory_size,
+                uaddr: d.user_addr,
+                map: Arc::new(m),
+            }),
+            Err(e) => refused(format!(
+                "mapping memory region {:#x}+{:#x}: {e}",
+                { d.guest_phys_addr },
+                { d.memory_size }
+            )),
+        }
+    }
+
+    fn set_mem_table(&mut self, r: Request) -> Result<(), Failure> {
+        let hdr = body::<VhostUserMemory>(&r)?;
+        let n = hdr.num_regions as usize;
+        let hl = std::mem::size_of::<VhostUserMemory>();
+        let rl = std::mem::size_of::<VhostUserMemoryRegion>();
+        if n != r.files.len() || r.body.len() != hl + n * rl {
+            return close(format!(
+                "SET_MEM_TABLE: {n} regions, {} fds, {} bytes",
+                r.files.len(),
+                r.body.len()
+            ));
+        }
+        let mut regions = Vec::with_capacity(n);
+        for (i, file) in r.files.into_iter().enumerate() {
+            let off = hl + i * rl;
+            let d = VhostUserMemoryRegion::from_slice(&r.body[off..off + rl])
+                .copied()
+                .ok_or_else(|| Failure::Close("SET_MEM_TABLE: short region".into()))?;
+            regions.push(self.map_region(&d, file)?);
+        }
+        self.install_regions(regions)
+    }
+
+    fn add_mem_reg(&mut self, mut r: Request) -> Result<(), Failure> {
+        let d = body::<VhostUserSingleMemoryRegion>(&r)?;
+        if self.regions.len() >= MAX_MEM_SLOTS {
+            return refused(format!("more than {MAX_MEM_SLOTS} memory regions"));
+        }
+        let file = r
+            .files
+            .pop()
+            .expect("fd count checked by the protocol table");
+        let new = self.map_region(&d, file)?;
+        let mut regions = std::mem::take(&mut self.regions);
+        regions.push(new);
+        self.install_regions(regions)
+    }
+
+    fn rem_mem_reg(&mut self, r: &Request) -> Result<(), Failure> {
+        let d = body::<VhostUserSingleMemoryRegion>(r)?;
+        let before = self.regions.len();
+        let mut regions = std::mem::take(&mut self.regions);
+        regions.retain(|m| !(m.gpa == d.guest_phys_addr && m.size == d.memory_size));
+        if regions.len() == before {
+            self.regions = regions;
+            return refused(format!(
+                "REM_MEM_REG {:#x}+{:#x}: no such region",
+                { d.guest_phys_addr },
+                { d.memory_size }
+            ));
+        }
+        self.install_regions(regions)
+    }
+
+    /// A new memory table: a fresh view to every queue pair (the old one is
+    /// unmapped once the workers let go of it) and running rings
+    /// re-translated, as the same front-end addresses may now mean other
+    /// guest memory.
+    fn install_regions(&mut self, regions: Vec<MemRegion>) -> Result<(), Failure> {
+        let mut view = MemView::empty();
+        for m in &regions {
+            if !view.add(m.gpa, m.size, m.map.as_ptr()) {
+                return refused(format!(
+                    "memory region {:#x}+{:#x} overlaps another",
+                    m.gpa, m.size
+                ));
+            }
+        }
+        let owners: Vec<Arc<MmapRegion<()>>> = regions.iter().map(|m| m.map.clone()).collect();
+        let view = Arc::new(view.with_owner(Arc::new(Owners(owners))));
+        debug!("{}: guest memory: {view:?}", self.name);
+        self.regions = regions;
+        self.mem = view;
+        self.sync_all();
+        for v in 0..self.vrings.len() {
+            if !self.vrings[v].started {
+                continue;
+            }
+            match self.ring_addrs(v) {
+                Ok(addrs) => {
+                    self.qp_of(v)
+                        .apply(move |s| s.vring_mut(v).addrs = Some(addrs));
+                }
+                Err(e) => warn!("{}: {e}", self.name),
+            }
+        }
+        Ok(())
+    }
+
+    fn set_log_base(&mut self, r: Request) -> Result<(), Failure> {
+        let l = body::<VhostUserLog>(&r)?;
+        let file = &r.files[0];
+        match DirtyLog::map(file.as_fd(), l.mmap_offset, l.mmap_size) {
+            Ok(log) => {
+                info!(
+                    "{}: dirty log mapped: {} bytes ({} pages)",
+                    self.name,
+                    l.mmap_size,
+                    log.pages()
+                );
+                // Replaces (and, once the workers let go, unmaps) any
+                // earlier log: QEMU sends a new one when guest memory grows.
+                self.log = Some(Arc::new(log));
+                self.sync_all();
+                Ok(())
+            }
+            // Acking a log we cannot write would let the migration corrupt
+            // the guest.
+            Err(e) => close(format!(
+                "mapping the dirty log ({} bytes at {}): {e}",
+                l.mmap_size, l.mmap_offset
+            )),
+        }
+    }
+
+    fn get_config(&self, r: &Request) -> Result<Vec<u8>, Failure> {
+        let c = body::<VhostUserConfig>(r)?;
+        let hl = std::mem::size_of::<VhostUserConfig>();
+        if r.body.len() != hl + c.size as usize || c.size > MAX_CONFIG_READ {
+            return close(format!(
+                "GET_CONFIG of {} bytes in a {}-byte message",
+                { c.size },
+                r.body.len()
+            ));
+        }
+        let status = 1; // VIRTIO_NET_S_LINK_UP
+        let data = self.cfg.config_space(status, c.offset, c.size);
+        let reply_hdr = VhostUserConfig {
+            size: data.len() as u32,
+            ..c
+        };
+        let mut out = reply_hdr.as_slice().to_vec();
+        out.extend_from_slice(&data);
+        Ok(out)
+    }
+}
+
+/// Keeps the mapped regions of one memory table alive as long as a view.
+struct Owners(#[allow(dead_code)] Vec<Arc<MmapRegion<()>>>);
