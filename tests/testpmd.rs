@@ -99,39 +99,6 @@ impl Peer {
     }
 }
 
-/// Polls port 0 until `done(stats)`; fails when `timeout` passes or the
-/// counters stop moving for `stall`.
-fn wait_stats(
-    tp: &mut Testpmd,
-    what: &str,
-    timeout: Duration,
-    stall: Duration,
-    done: impl Fn(&PortStats) -> bool,
-) -> PortStats {
-    let start = Instant::now();
-    let mut last = tp.port_stats(0).unwrap_or_else(|e| panic!("{e}"));
-    let mut last_change = Instant::now();
-    loop {
-        if done(&last) {
-            return last;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "{what}: not reached within {timeout:?}: {last:?}"
-        );
-        assert!(
-            last_change.elapsed() < stall,
-            "{what}: traffic stalled for {stall:?}: {last:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-        let s = tp.port_stats(0).unwrap_or_else(|e| panic!("{e}"));
-        if (s.rx_packets, s.tx_packets) != (last.rx_packets, last.tx_packets) {
-            last_change = Instant::now();
-        }
-        last = s;
-    }
-}
-
 fn run_case(frame_len: usize, queues: usize) {
     if let Some(why) = dpdk::missing_prerequisite() {
         panic!("testpmd test cannot run: {why}");
@@ -154,7 +121,7 @@ fn run_case(frame_len: usize, queues: usize) {
     // the circling population stays constant.
     cmd(&mut tp, "set fwd mac retry");
     cmd(&mut tp, "start tx_first");
-    let sent = wait_stats(&mut tp, "TX target", secs(180), secs(15), |s| {
+    let sent = tp.wait_stats(0, "TX target", secs(180), secs(15), |s| {
         s.tx_packets >= target
     });
     eprintln!("testpmd: {frame_len}-byte frames, {queues} queue pair(s): reached {sent:?}");
@@ -164,7 +131,7 @@ fn run_case(frame_len: usize, queues: usize) {
     cmd(&mut tp, "set fwd rxonly");
     cmd(&mut tp, "start");
     let drained = Instant::now();
-    let _ = wait_stats(&mut tp, "drain", secs(10), secs(10), |s| {
+    let _ = tp.wait_stats(0, "drain", secs(10), secs(10), |s| {
         s.rx_packets >= s.tx_packets && drained.elapsed() > Duration::from_millis(300)
     });
     cmd(&mut tp, "stop");
@@ -270,4 +237,15 @@ fn parses_port_stats() {
         Some(7)
     );
     assert_eq!(dpdk::field("TX-dropped: 0  ", "TX-dropped"), Some(0));
+}
+
+#[test]
+fn parses_all_port_stats_blocks() {
+    // `show port stats all` is one block per port; the helper splits there.
+    let out = "\n  ######################## NIC statistics for port 0  ########################\n  RX-packets: 5          RX-missed: 0          RX-bytes:  320\n  RX-errors: 0\n  RX-nombuf:  0         \n  TX-packets: 6          TX-errors: 0          TX-bytes:  384\n\n  ######################## NIC statistics for port 1  ########################\n  RX-packets: 7          RX-missed: 0          RX-bytes:  448\n  RX-errors: 0\n  RX-nombuf:  0         \n  TX-packets: 8          TX-errors: 0          TX-bytes:  512\n";
+    let v = dpdk::split_port_stats(out).unwrap();
+    assert_eq!(v.len(), 2);
+    assert_eq!((v[0].0, v[0].1.rx_packets, v[0].1.tx_bytes), (0, 5, 384));
+    assert_eq!((v[1].0, v[1].1.rx_packets, v[1].1.tx_bytes), (1, 7, 512));
+    assert!(dpdk::split_port_stats("NIC statistics for port x\n").is_err());
 }

@@ -31,18 +31,23 @@ pub fn missing_prerequisite() -> Option<String> {
     if !found {
         return Some(format!("{TESTPMD} not in PATH (install dpdk-dev)"));
     }
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let free = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("HugePages_Free:"))
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(0);
+    let free = free_hugepages();
     if free < HUGEPAGES_NEEDED {
         return Some(format!(
             "{free} free hugepages, need {HUGEPAGES_NEEDED} (scripts/setup-host.sh)"
         ));
     }
     None
+}
+
+/// `HugePages_Free` of /proc/meminfo (0 when unreadable).
+pub fn free_hugepages() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("HugePages_Free:"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0)
 }
 
 /// Held while a test runs testpmd: an exclusive flock, released on drop.
@@ -116,6 +121,27 @@ impl PortStats {
     }
 }
 
+/// The output of `show port stats all`: (port id, counters) per port, in
+/// the order printed (port order).
+pub fn split_port_stats(out: &str) -> Result<Vec<(u16, PortStats)>, String> {
+    const HEAD: &str = "NIC statistics for port";
+    let starts: Vec<usize> = out.match_indices(HEAD).map(|(i, _)| i).collect();
+    let mut v = Vec::with_capacity(starts.len());
+    for (k, &i) in starts.iter().enumerate() {
+        let block = &out[i..starts.get(k + 1).copied().unwrap_or(out.len())];
+        let id: String = block[HEAD.len()..]
+            .trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect();
+        let id = id
+            .parse()
+            .map_err(|_| format!("no port number in:\n{block}"))?;
+        v.push((id, PortStats::parse(block)?));
+    }
+    Ok(v)
+}
+
 /// testpmd's mbuf pool: plenty for 2 queue pairs x (1024 RX + 1024 TX
 /// descriptors) + frames in flight.
 pub const MBUFS: u32 = 32768;
@@ -136,6 +162,37 @@ pub fn virtio_user_eal(sock: &std::path::Path, queues: usize) -> Vec<String> {
             sock.display()
         ),
     ]
+}
+
+/// EAL arguments of one `net_virtio_user` port per socket of `socks`
+/// (port i on `socks[i]`, one queue pair, rings of `queue_size`), lcores as
+/// in [`virtio_user_eal`]; `mem_mb` MiB of hugepages taken up front (many
+/// ports: no heap growth, so no memory-table updates while traffic runs)
+/// and file prefix `prefix`.
+pub fn virtio_user_eal_ports(
+    socks: &[std::path::PathBuf],
+    queue_size: u32,
+    mem_mb: u32,
+    prefix: &str,
+) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "--no-pci".into(),
+        "--in-memory".into(),
+        "--single-file-segments".into(),
+        "--no-telemetry".into(),
+        "-l".into(),
+        "0,1".into(),
+        format!("--file-prefix={prefix}"),
+        "-m".into(),
+        mem_mb.to_string(),
+    ];
+    v.extend(socks.iter().enumerate().map(|(i, s)| {
+        format!(
+            "--vdev=net_virtio_user{i},path={},queues=1,queue_size={queue_size}",
+            s.display()
+        )
+    }));
+    v
 }
 
 /// EAL arguments of DPDK's own vhost-user back end (`net_vhost`, server on
@@ -297,6 +354,46 @@ impl Testpmd {
     pub fn port_stats(&mut self, port: u16) -> Result<PortStats, String> {
         let out = self.cmd(&format!("show port stats {port}"), Duration::from_secs(10))?;
         PortStats::parse(&out).map_err(|e| format!("{}: {e}", self.name))
+    }
+
+    /// `show port stats all`, parsed by [`split_port_stats`].
+    pub fn all_port_stats(&mut self) -> Result<Vec<(u16, PortStats)>, String> {
+        let out = self.cmd("show port stats all", Duration::from_secs(10))?;
+        split_port_stats(&out).map_err(|e| format!("{}: {e}", self.name))
+    }
+
+    /// Polls `show port stats <port>` until `done(stats)`; fails when
+    /// `timeout` passes or the counters stop moving for `stall`.
+    pub fn wait_stats(
+        &mut self,
+        port: u16,
+        what: &str,
+        timeout: Duration,
+        stall: Duration,
+        done: impl Fn(&PortStats) -> bool,
+    ) -> PortStats {
+        let start = Instant::now();
+        let mut last = self.port_stats(port).unwrap_or_else(|e| panic!("{e}"));
+        let mut last_change = Instant::now();
+        loop {
+            if done(&last) {
+                return last;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{what}: not reached within {timeout:?}: {last:?}"
+            );
+            assert!(
+                last_change.elapsed() < stall,
+                "{what}: traffic stalled for {stall:?}: {last:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+            let s = self.port_stats(port).unwrap_or_else(|e| panic!("{e}"));
+            if (s.rx_packets, s.tx_packets) != (last.rx_packets, last.tx_packets) {
+                last_change = Instant::now();
+            }
+            last = s;
+        }
     }
 
     /// `quit`, then waits for the process to exit (killed after `timeout`).

@@ -1,10 +1,15 @@
 //! The `vfrelay` binary as a child-process guard: spawned with arguments,
 //! its stdout+stderr collected into a log, SIGTERM (then SIGKILL) on drop.
 //! While a test panics, drop prints the log.
+//!
+//! For `vfrelay daemon`: [`Vfrelay::daemon`] starts one on a given control
+//! socket, [`Vfrelay::ctl`] runs client subcommands against it and [`Rpc`]
+//! speaks raw JSON-RPC to it.
 
 use super::netns::Netns;
 use super::{secs, wait_until};
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -20,6 +25,8 @@ pub struct Vfrelay {
     log: Arc<Mutex<Vec<u8>>>,
     args: Vec<String>,
     exited: Option<ExitStatus>,
+    /// The control socket, for a `vfrelay daemon`.
+    control: Option<PathBuf>,
 }
 
 impl Vfrelay {
@@ -82,6 +89,7 @@ impl Vfrelay {
             log,
             args: args.iter().map(|s| s.to_string()).collect(),
             exited: None,
+            control: None,
         }
     }
 
@@ -106,6 +114,45 @@ impl Vfrelay {
         let mut v = Vfrelay::spawn_env(ns, &args, env);
         v.wait_for_socket(socket, secs(10));
         v
+    }
+
+    /// `vfrelay daemon --control CONTROL extra...`, then waits (10 s,
+    /// scaled) for the control socket (the daemon is ready when it exists).
+    /// Panics with the log if it does not appear or the daemon exits.
+    pub fn daemon(control: &Path, extra: &[&str]) -> Vfrelay {
+        let c = control.to_str().expect("utf-8 control path");
+        let mut args = vec!["daemon", "--control", c];
+        args.extend_from_slice(extra);
+        let mut v = Vfrelay::spawn(None, &args);
+        v.wait_for_socket(control, secs(10));
+        v.control = Some(control.to_path_buf());
+        v
+    }
+
+    /// The control socket of a [`daemon`](Self::daemon).
+    pub fn control(&self) -> &Path {
+        self.control.as_deref().expect("not a vfrelay daemon")
+    }
+
+    /// Runs the client `vfrelay ARGS... --control <this daemon's socket>`
+    /// (30 s, scaled, then killed) and returns (exit code, stdout, stderr).
+    /// `RUST_LOG` and `$VFRELAY_CONTROL` are not passed on, so stderr holds
+    /// only what the client says to its user.
+    pub fn ctl(&self, args: &[&str]) -> (i32, String, String) {
+        ctl_at(self.control(), args)
+    }
+
+    /// [`ctl`](Self::ctl) that must exit 0; returns stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.ctl(args);
+        assert_eq!(
+            code,
+            0,
+            "`vfrelay {} --control {}` failed: stdout {out:?}, stderr {err:?}",
+            args.join(" "),
+            self.control().display()
+        );
+        out
     }
 
     /// Waits until `path` exists; panics with the log on timeout or exit.
@@ -187,6 +234,109 @@ impl Drop for Vfrelay {
         if std::thread::panicking() {
             std::thread::sleep(Duration::from_millis(100));
             eprintln!("{}", self.log_text());
+        }
+    }
+}
+
+/// The client `vfrelay ARGS... --control CONTROL` as in [`Vfrelay::ctl`],
+/// also where no daemon listens. Returns (exit code, stdout, stderr); a
+/// client killed by a signal panics.
+pub fn ctl_at(control: &Path, args: &[&str]) -> (i32, String, String) {
+    let what = format!("vfrelay {} --control {}", args.join(" "), control.display());
+    let mut child = Command::new(bin())
+        .args(args)
+        .arg("--control")
+        .arg(control)
+        .env_remove("RUST_LOG")
+        .env_remove("VFRELAY_CONTROL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let read_all = |mut p: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = p.read_to_end(&mut v);
+            String::from_utf8_lossy(&v).into_owned()
+        })
+    };
+    let out = read_all(Box::new(child.stdout.take().unwrap()));
+    let err = read_all(Box::new(child.stderr.take().unwrap()));
+    let mut status = None;
+    let exited = wait_until(secs(30), || {
+        status = child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("`{what}` did not finish within {:?}", secs(30));
+    }
+    let (out, err) = (out.join().unwrap(), err.join().unwrap());
+    let code = status
+        .and_then(|s| s.code())
+        .unwrap_or_else(|| panic!("`{what}` killed: {status:?}, stderr {err:?}"));
+    (code, out, err)
+}
+
+/// One JSON-RPC 2.0 connection to a daemon's control socket: one request
+/// line out, one response line in. Reads time out after 10 s (scaled).
+pub struct Rpc {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Rpc {
+    /// Connects to the control socket at `path`.
+    pub fn connect(path: &Path) -> Rpc {
+        let s =
+            UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+        s.set_read_timeout(Some(secs(10)))
+            .expect("set_read_timeout");
+        Rpc {
+            reader: BufReader::new(s.try_clone().expect("clone UnixStream")),
+            writer: s,
+        }
+    }
+
+    /// Sends `line` plus `\n` as it is (it need not be valid JSON) and
+    /// returns the parsed response line.
+    pub fn send_line(&mut self, line: &str) -> serde_json::Value {
+        self.writer
+            .write_all(format!("{line}\n").as_bytes())
+            .unwrap_or_else(|e| panic!("write {line:?}: {e}"));
+        let mut resp = String::new();
+        match self.reader.read_line(&mut resp) {
+            Ok(0) => panic!("daemon closed the connection after {line:?}"),
+            Ok(_) if resp.ends_with('\n') => {}
+            Ok(_) => panic!("unterminated response {resp:?} to {line:?}"),
+            Err(e) => panic!("no response to {line:?}: {e}"),
+        }
+        serde_json::from_str(&resp)
+            .unwrap_or_else(|e| panic!("response {resp:?} to {line:?} is not JSON: {e}"))
+    }
+
+    /// Sends `{"jsonrpc":"2.0","id":ID,"method":METHOD,"params":PARAMS}`;
+    /// returns the whole response object.
+    pub fn call(
+        &mut self,
+        id: serde_json::Value,
+        method: &str,
+        params: serde_json::Value,
+    ) -> serde_json::Value {
+        let req =
+            serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        self.send_line(&req.to_string())
+    }
+
+    /// [`call`](Self::call) that must succeed: returns `result`, panics
+    /// with the response otherwise.
+    pub fn result(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        let resp = self.call(serde_json::json!(0), method, params);
+        match resp.get("result") {
+            Some(r) if resp.get("error").is_none() => r.clone(),
+            _ => panic!("{method} failed: {resp}"),
         }
     }
 }

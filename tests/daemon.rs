@@ -1,0 +1,513 @@
+//! `vfrelay daemon` and its control API (/work/spec/daemon.md): bad
+//! requests get JSON-RPC errors and change nothing; one pinned poll worker
+//! serves 32 testpmd ports with exact counts; adding and deleting ports
+//! does not disturb a port that is moving traffic.
+//!
+//! Run as root: `cargo test --test daemon -- --ignored`
+//! (the testpmd cases need `dpdk-testpmd` and 2 MiB hugepages, see
+//! scripts/setup-host.sh). `RUST_LOG` sets the daemon's log level (printed
+//! when a test fails).
+//!
+//! CPUs: the daemon's one worker runs on CPU 0 (`--workers 0`); testpmd
+//! forwards on lcore 1 and reads commands on lcore 0, as in tests/testpmd.rs.
+
+mod common;
+
+use common::dpdk::{self, PortStats, Testpmd};
+use common::vfrelay::{self, Rpc, Vfrelay};
+use common::{secs, unique_name, wait_until, TempDir};
+use serde_json::{json, Value};
+use std::collections::BTreeSet;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Checks a JSON-RPC error response: version, `id`, `code`, a non-empty
+/// message containing every one of `needles` (case-insensitive).
+/// Returns the message.
+fn expect_error(resp: &Value, id: &Value, code: i64, needles: &[&str]) -> String {
+    assert_eq!(resp["jsonrpc"], "2.0", "{resp}");
+    assert_eq!(&resp["id"], id, "reply to the wrong request: {resp}");
+    assert!(resp.get("result").is_none(), "error with a result: {resp}");
+    assert_eq!(resp["error"]["code"], code, "{resp}");
+    let msg = resp["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error message: {resp}"));
+    assert!(!msg.trim().is_empty(), "empty error message: {resp}");
+    for n in needles {
+        assert!(
+            msg.to_lowercase().contains(&n.to_lowercase()),
+            "error message does not mention {n:?}: {resp}"
+        );
+    }
+    msg.to_string()
+}
+
+/// The list in a `--json` listing: the array itself, or the array under
+/// `key` if the client wraps it in an object.
+fn json_list<'a>(v: &'a Value, key: &str) -> &'a Vec<Value> {
+    v.as_array()
+        .or_else(|| v[key].as_array())
+        .unwrap_or_else(|| panic!("no {key} list in {v}"))
+}
+
+/// Port names in `vfrelay port list --json`.
+fn listed_ports(d: &Vfrelay) -> BTreeSet<String> {
+    let out = d.ctl_ok(&["port", "list", "--json"]);
+    let v: Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("port list --json: {e}: {out}"));
+    json_list(&v, "ports")
+        .iter()
+        .map(|p| p["name"].as_str().expect("port name").to_string())
+        .collect()
+}
+
+/// `vfrelay worker list --json`, parsed.
+fn workers(d: &Vfrelay) -> Vec<Value> {
+    let out = d.ctl_ok(&["worker", "list", "--json"]);
+    let v: Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("worker list --json: {e}: {out}"));
+    json_list(&v, "workers").clone()
+}
+
+/// `vfrelay port add NAME --vhost-user SOCK --backend loopback extra...`:
+/// prints `port NAME added`, and the server socket is there on return.
+fn add_port(d: &Vfrelay, name: &str, sock: &Path, extra: &[&str]) {
+    let s = sock.to_str().unwrap();
+    let mut args = vec![
+        "port",
+        "add",
+        name,
+        "--vhost-user",
+        s,
+        "--backend",
+        "loopback",
+    ];
+    args.extend_from_slice(extra);
+    let out = d.ctl_ok(&args);
+    assert_eq!(out.trim(), format!("port {name} added"), "port add stdout");
+    let is_sock = std::fs::metadata(sock).is_ok_and(|m| m.file_type().is_socket());
+    assert!(is_sock, "port add {name} returned before {s} listens");
+}
+
+/// `vfrelay port del NAME`: prints `port NAME deleted`.
+fn del_port(d: &Vfrelay, name: &str) {
+    let out = d.ctl_ok(&["port", "del", name]);
+    assert_eq!(
+        out.trim(),
+        format!("port {name} deleted"),
+        "port del stdout"
+    );
+}
+
+/// `vfrelay stats --json`: (rx_frames, tx_frames) of every port, summed
+/// over its queue pairs, each list sorted.
+fn frames_per_port(d: &Vfrelay) -> (Vec<u64>, Vec<u64>) {
+    let out = d.ctl_ok(&["stats", "--json"]);
+    let v: Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("stats --json: {e}: {out}"));
+    let (mut rx, mut tx): (Vec<u64>, Vec<u64>) = (Vec::new(), Vec::new());
+    for p in json_list(&v, "ports") {
+        let qps = p["queue_pairs"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no queue_pairs: {p}"));
+        let sum = |k: &str| -> u64 {
+            qps.iter()
+                .map(|q| q[k].as_u64().unwrap_or_else(|| panic!("no {k}: {q}")))
+                .sum()
+        };
+        rx.push(sum("rx_frames"));
+        tx.push(sum("tx_frames"));
+    }
+    rx.sort_unstable();
+    tx.sort_unstable();
+    (rx, tx)
+}
+
+/// SIGTERM: the daemon exits 0.
+fn stop_daemon(d: Vfrelay) {
+    let (st, log) = d.stop();
+    assert!(
+        st.is_some_and(|s| s.success()),
+        "daemon did not exit cleanly on SIGTERM ({st:?})\n{log}"
+    );
+}
+
+/// Checks a drained port: something was sent, everything came back,
+/// byte for byte, no errors.
+fn assert_exact(what: &str, s: &PortStats) {
+    assert!(s.tx_packets > 0, "{what}: sent nothing: {s:?}");
+    assert_eq!(
+        s.rx_packets, s.tx_packets,
+        "{what}: frames lost or duplicated: {s:?}"
+    );
+    assert_eq!(s.rx_bytes, s.tx_bytes, "{what}: bytes: {s:?}");
+    assert_eq!(
+        (s.rx_errors, s.rx_missed, s.rx_nombuf, s.tx_errors),
+        (0, 0, 0, 0),
+        "{what}: errors: {s:?}"
+    );
+}
+
+/// testpmd's accumulated forwarding counters in the output of `stop`:
+/// nothing dropped.
+fn assert_no_fwd_drops(stop_out: &str) {
+    let acc = stop_out
+        .find("Accumulated forward statistics")
+        .map_or(stop_out, |i| &stop_out[i..]);
+    if let Some(d) = dpdk::field(acc, "TX-dropped") {
+        assert_eq!(d, 0, "testpmd dropped frames it forwarded:\n{stop_out}");
+    }
+}
+
+#[test]
+#[ignore = "starts a vfrelay daemon (worker pinned to CPU 0)"]
+fn control_errors_get_jsonrpc_errors_and_the_daemon_goes_on() {
+    let dir = TempDir::new();
+    let control = dir.join("control.sock");
+    let mut d = Vfrelay::daemon(&control, &["--workers", "0"]);
+    let mode = std::fs::metadata(&control).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "control socket mode {mode:o}");
+
+    let sock_a = dir.join("a.sock");
+    let a = sock_a.to_str().unwrap();
+    let mut rpc = Rpc::connect(&control);
+
+    // Malformed JSON: parse error, id null.
+    let r = rpc.send_line(r#"{"jsonrpc":"2.0","#);
+    expect_error(&r, &Value::Null, -32700, &[]);
+
+    let r = rpc.call(json!(1), "frobnicate", json!({}));
+    expect_error(&r, &json!(1), -32601, &["frobnicate"]);
+
+    let r = rpc.call(
+        json!("add-a"),
+        "port_add",
+        json!({"name": "a", "vhost_user": a, "backend": "loopback"}),
+    );
+    assert_eq!(r["jsonrpc"], "2.0", "{r}");
+    assert_eq!(r["id"], "add-a", "{r}");
+    assert!(r.get("error").is_none(), "port_add a: {r}");
+    let port = &r["result"];
+    assert_eq!(port["name"], "a", "{r}");
+    assert_eq!(port["kind"], "vhost-user", "{r}");
+    assert_eq!(port["path"], a, "{r}");
+    assert_eq!(port["client"], false, "{r}");
+    assert_eq!(port["queues"], 1, "{r}");
+    assert_eq!(port["queue_size"], 1024, "{r}");
+    assert_eq!(port["mtu"], 1500, "{r}");
+    assert_eq!(port["backend"], "loopback", "{r}");
+    assert_eq!(port["connected"], false, "{r}");
+    let qps = port["queue_pairs"].as_array().expect("queue_pairs");
+    assert_eq!(qps.len(), 1, "{r}");
+    assert_eq!(qps[0]["index"], 0, "{r}");
+    let is_sock = std::fs::metadata(&sock_a).is_ok_and(|m| m.file_type().is_socket());
+    assert!(is_sock, "port_add returned before {a} listens");
+
+    // The same name again (another socket, so only the name clashes).
+    let other = dir.join("a2.sock");
+    let r = rpc.call(
+        json!(3),
+        "port_add",
+        json!({"name": "a", "vhost_user": other.to_str().unwrap(), "backend": "loopback"}),
+    );
+    expect_error(&r, &json!(3), -32000, &["already exists"]);
+
+    let r = rpc.call(json!(4), "port_del", json!({"name": "nosuch"}));
+    expect_error(&r, &json!(4), -32000, &["no port named", "nosuch"]);
+
+    // Another port on a's socket.
+    let r = rpc.call(
+        json!(5),
+        "port_add",
+        json!({"name": "b", "vhost_user": a, "backend": "loopback"}),
+    );
+    let msg = expect_error(&r, &json!(5), -32000, &[a]);
+    eprintln!("socket in use: {msg}");
+
+    let c_sock = dir.join("c.sock");
+    let c = c_sock.to_str().unwrap();
+    let r = rpc.call(
+        json!(6),
+        "port_add",
+        json!({"name": "c", "vhost_user": c, "backend": "nope"}),
+    );
+    expect_error(&r, &json!(6), -32602, &["nope"]);
+
+    // A multicast MAC cannot be a station address.
+    let r = rpc.call(
+        json!(7),
+        "port_add",
+        json!({"name": "c", "vhost_user": c, "backend": "loopback", "mac": "01:00:5e:00:00:01"}),
+    );
+    expect_error(&r, &json!(7), -32602, &["mac"]);
+
+    let r = rpc.call(
+        json!(8),
+        "port_add",
+        json!({"name": "c", "backend": "loopback"}),
+    );
+    let msg = expect_error(&r, &json!(8), -32602, &[]);
+    let m = msg.to_lowercase();
+    assert!(
+        m.contains("vhost") || m.contains("vduse"),
+        "missing front end: message names neither vhost_user nor vduse: {r}"
+    );
+    assert!(!c_sock.exists(), "a refused port_add left {c} behind");
+    assert!(d.is_running(), "daemon exited\n{}", d.log_text());
+
+    // The CLI, while the raw connection stays open.
+    let (code, out, _) = d.ctl(&["port", "list"]);
+    assert_eq!(code, 0, "port list: {out}");
+    assert!(
+        out.lines().any(|l| l.split_whitespace().any(|w| w == "a")),
+        "port list does not show a:\n{out}"
+    );
+    let (code, out, err) = d.ctl(&["port", "del", "nosuch"]);
+    assert_eq!(code, 1, "port del nosuch: stdout {out:?} stderr {err:?}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "stderr must be one line: {err:?}");
+    assert!(lines[0].starts_with("vfrelay: "), "stderr: {err:?}");
+    assert!(lines[0].contains("nosuch"), "stderr: {err:?}");
+    let nobody = dir.join("nobody.sock");
+    let (code, out, err) = vfrelay::ctl_at(&nobody, &["port", "list"]);
+    assert_eq!(code, 1, "no daemon: stdout {out:?} stderr {err:?}");
+    assert!(err.contains("cannot reach"), "no daemon: stderr {err:?}");
+
+    // The first connection still answers, and only a exists.
+    let r = rpc.call(json!(9), "port_list", json!({}));
+    assert_eq!(r["id"], 9, "{r}");
+    let ports = r["result"].as_array().unwrap_or_else(|| panic!("{r}"));
+    assert_eq!(ports.len(), 1, "{r}");
+    assert_eq!(ports[0]["name"], "a", "{r}");
+    assert_eq!(ports[0]["path"], a, "{r}");
+    let ws = rpc.result("worker_list", json!({}));
+    let ws = ws.as_array().unwrap_or_else(|| panic!("{ws}"));
+    assert_eq!(ws.len(), 1, "--workers 0: {ws:?}");
+    assert_eq!(ws[0]["cpu"], 0, "{ws:?}");
+    assert_eq!(ws[0]["mode"], "event", "{ws:?}");
+    assert_eq!(
+        ws[0]["queue_pairs"],
+        json!([{"port": "a", "index": 0}]),
+        "{ws:?}"
+    );
+    assert_eq!(ports[0]["queue_pairs"][0]["worker"], ws[0]["id"], "{r}");
+
+    drop(rpc);
+    stop_daemon(d);
+}
+
+const PORTS: usize = 32;
+/// Ring size of every port of the 32-port test: 32 x (256 RX + 256 TX)
+/// descriptors fit [`dpdk::MBUFS`] mbufs with room for the frames in flight.
+const RING: u32 = 256;
+/// Hugepage memory of the 32-port testpmd (512 MiB: 256 pages of 2 MiB).
+const MEM_MB: u32 = 512;
+/// `start tx_first BURSTS`: bursts of 32 frames each port starts with.
+const BURSTS: u64 = 4;
+
+#[test]
+#[ignore = "needs root, dpdk-testpmd, hugepages"]
+fn testpmd_32_ports_on_one_worker() {
+    if let Some(why) = dpdk::missing_prerequisite() {
+        panic!("testpmd test cannot run: {why}");
+    }
+    let _one_at_a_time = dpdk::exclusive();
+    let pages = dpdk::free_hugepages();
+    let need = u64::from(MEM_MB) / 2 + 16;
+    assert!(pages >= need, "{pages} free hugepages, need {need}");
+    let dir = TempDir::new();
+    let d = Vfrelay::daemon(&dir.join("control.sock"), &["--workers", "0", "--poll"]);
+    let ring = RING.to_string();
+    let socks: Vec<_> = (0..PORTS)
+        .map(|i| dir.join(&format!("p{i}.sock")))
+        .collect();
+    for (i, s) in socks.iter().enumerate() {
+        add_port(&d, &format!("p{i}"), s, &["--queue-size", &ring]);
+    }
+
+    let eal = dpdk::virtio_user_eal_ports(&socks, RING, MEM_MB, &unique_name("f"));
+    let mut app = dpdk::app_args(1);
+    app.extend([
+        format!("--rxd={RING}"),
+        format!("--txd={RING}"),
+        // Each port forwards to itself: 32 independent circles.
+        "--port-topology=loop".to_string(),
+    ]);
+    let mut tp =
+        Testpmd::spawn("virtio-user x32", &eal, &app, secs(120)).unwrap_or_else(|e| panic!("{e}"));
+    let cmd = |tp: &mut Testpmd, c: &str| tp.cmd(c, secs(10)).unwrap_or_else(|e| panic!("{e}"));
+    let all = |tp: &mut Testpmd| {
+        let v = tp.all_port_stats().unwrap_or_else(|e| panic!("{e}"));
+        let ids: Vec<u16> = v.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, (0..PORTS as u16).collect::<Vec<_>>(), "testpmd ports");
+        v.into_iter().map(|(_, s)| s).collect::<Vec<PortStats>>()
+    };
+    let total = |v: &[PortStats]| v.iter().map(|s| s.tx_packets).sum::<u64>();
+
+    cmd(&mut tp, "set fwd mac retry");
+    cmd(&mut tp, &format!("start tx_first {BURSTS}"));
+    let target = PORTS as u64 * 20_000;
+    let (start, stall) = (Instant::now(), secs(15));
+    let mut last = all(&mut tp);
+    let mut last_change = Instant::now();
+    while total(&last) < target && start.elapsed() < secs(60) {
+        std::thread::sleep(Duration::from_millis(500));
+        let s = all(&mut tp);
+        if total(&s) != total(&last) {
+            last_change = Instant::now();
+        }
+        last = s;
+        assert!(
+            last_change.elapsed() < stall,
+            "traffic stalled for {stall:?}: {last:?}"
+        );
+    }
+    eprintln!(
+        "testpmd: {} frames sent on {PORTS} ports in {:?}",
+        total(&last),
+        start.elapsed()
+    );
+
+    // While testpmd is connected: every port is, and the one worker on
+    // CPU 0 polls all 32 queue pairs.
+    let ws = workers(&d);
+    assert_eq!(ws.len(), 1, "--workers 0: {ws:?}");
+    assert_eq!(ws[0]["cpu"], 0, "{ws:?}");
+    assert_eq!(ws[0]["mode"], "poll", "{ws:?}");
+    let held: BTreeSet<(String, u64)> = ws[0]["queue_pairs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{ws:?}"))
+        .iter()
+        .map(|q| {
+            let port = q["port"].as_str().unwrap_or_else(|| panic!("{q}"));
+            (port.to_string(), q["index"].as_u64().expect("index"))
+        })
+        .collect();
+    let want: BTreeSet<(String, u64)> = (0..PORTS).map(|i| (format!("p{i}"), 0)).collect();
+    assert_eq!(held, want, "queue pairs of the worker: {ws:?}");
+    let out = d.ctl_ok(&["port", "list", "--json"]);
+    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let ports = json_list(&v, "ports");
+    assert_eq!(ports.len(), PORTS, "{out}");
+    for p in ports {
+        assert_eq!(p["connected"], true, "testpmd is connected: {p}");
+    }
+
+    let fwd = cmd(&mut tp, "stop");
+    assert_no_fwd_drops(&fwd);
+    // Receive what is still in flight.
+    cmd(&mut tp, "set fwd rxonly");
+    cmd(&mut tp, "start");
+    let drained = Instant::now();
+    let ok = wait_until(secs(10), || {
+        let v = all(&mut tp);
+        drained.elapsed() > Duration::from_millis(300)
+            && v.iter().all(|s| s.rx_packets >= s.tx_packets)
+    });
+    cmd(&mut tp, "stop");
+    let fin = all(&mut tp);
+    assert!(ok, "drain: not all frames came back: {fin:?}");
+    for (i, s) in fin.iter().enumerate() {
+        eprintln!("testpmd: port {i}: {s:?}");
+        assert_exact(&format!("port {i}"), s);
+        assert!(
+            s.tx_packets > BURSTS * 32,
+            "port {i}: nothing came back to forward: {s:?}"
+        );
+    }
+
+    // vfrelay counts what testpmd counts, port by port: loopback takes
+    // each frame from a port's TX ring and puts it on its RX ring.
+    let mut want: Vec<u64> = fin.iter().map(|s| s.tx_packets).collect();
+    want.sort_unstable();
+    let mut got = (Vec::new(), Vec::new());
+    let same = wait_until(secs(5), || {
+        got = frames_per_port(&d);
+        got.0 == want && got.1 == want
+    });
+    assert!(
+        same,
+        "vfrelay stats (sorted rx, tx frames per port) {got:?} vs testpmd {want:?}"
+    );
+
+    let st = tp.quit(secs(30)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(st.success(), "testpmd exit: {st}");
+    stop_daemon(d);
+}
+
+#[test]
+#[ignore = "needs root, dpdk-testpmd, hugepages"]
+fn churn_does_not_disturb_a_running_port() {
+    if let Some(why) = dpdk::missing_prerequisite() {
+        panic!("testpmd test cannot run: {why}");
+    }
+    let _one_at_a_time = dpdk::exclusive();
+    let dir = TempDir::new();
+    let mut d = Vfrelay::daemon(&dir.join("control.sock"), &["--workers", "0", "--poll"]);
+    let sock = dir.join("a.sock");
+    add_port(&d, "a", &sock, &[]);
+
+    let eal = dpdk::virtio_user_eal(&sock, 1);
+    let app = dpdk::app_args(1);
+    let mut tp =
+        Testpmd::spawn("virtio-user", &eal, &app, secs(60)).unwrap_or_else(|e| panic!("{e}"));
+    let cmd = |tp: &mut Testpmd, c: &str| tp.cmd(c, secs(10)).unwrap_or_else(|e| panic!("{e}"));
+    cmd(&mut tp, "set fwd mac retry");
+    cmd(&mut tp, "start tx_first");
+    let mut prev = tp.wait_stats(0, "warm-up", secs(60), secs(15), |s| {
+        s.tx_packets >= 100_000
+    });
+
+    const ROUNDS: usize = 20;
+    const CHURN: usize = 5;
+    let names: Vec<String> = (0..CHURN).map(|i| format!("c{i}")).collect();
+    for round in 0..ROUNDS {
+        for n in &names {
+            add_port(&d, n, &dir.join(&format!("r{round}{n}.sock")), &[]);
+        }
+        let mut want: BTreeSet<String> = names.iter().cloned().collect();
+        want.insert("a".into());
+        assert_eq!(listed_ports(&d), want, "round {round}");
+        for n in &names {
+            del_port(&d, n);
+        }
+        let s = tp.port_stats(0).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            s.tx_packets > prev.tx_packets,
+            "round {round}: port a stopped moving: {prev:?} -> {s:?}"
+        );
+        prev = s;
+        assert!(d.is_running(), "daemon exited\n{}", d.log_text());
+    }
+    eprintln!("testpmd: after {ROUNDS} churn rounds: {prev:?}");
+    assert_eq!(
+        listed_ports(&d),
+        BTreeSet::from(["a".to_string()]),
+        "after churn"
+    );
+    let ws = workers(&d);
+    assert_eq!(ws.len(), 1, "{ws:?}");
+    assert_eq!(
+        ws[0]["queue_pairs"],
+        json!([{"port": "a", "index": 0}]),
+        "churned queue pairs left on the worker: {ws:?}"
+    );
+
+    let fwd = cmd(&mut tp, "stop");
+    assert_no_fwd_drops(&fwd);
+    cmd(&mut tp, "set fwd rxonly");
+    cmd(&mut tp, "start");
+    let drained = Instant::now();
+    let _ = tp.wait_stats(0, "drain", secs(10), secs(10), |s| {
+        s.rx_packets >= s.tx_packets && drained.elapsed() > Duration::from_millis(300)
+    });
+    cmd(&mut tp, "stop");
+    let s = tp.port_stats(0).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("testpmd: final {s:?}");
+    assert_exact("port a", &s);
+
+    let st = tp.quit(secs(30)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(st.success(), "testpmd exit: {st}");
+    stop_daemon(d);
+}
