@@ -44,7 +44,7 @@ pub struct Options {
 }
 
 enum Front {
-    VhostUser(vhost_user::Port),
+    VhostUser(Box<vhost_user::Port>),
     Vduse(vduse::Port),
 }
 
@@ -321,7 +321,7 @@ impl Daemon {
                     spec.backend
                 );
                 vhost_user::Port::new(&spec.name, path, *client, cfg, offloads, qps.clone())
-                    .map(Front::VhostUser)
+                    .map(|p| Front::VhostUser(Box::new(p)))
                     .map_err(|e| e.to_string())
             }
             Kind::Vduse { device, attach } => {

@@ -158,6 +158,34 @@ pub struct QueuePair {
     tx_blocked: bool,
     rx_name: String,
     tx_name: String,
+    /// Backend queues of this port's disabled queue pairs, lent to this one:
+    /// what the NIC steers to them reaches the guest through this RX ring
+    /// (a guest may enable fewer pairs than the port has).
+    pub extra_rx: Vec<(usize, Box<dyn Backend>)>,
+}
+
+/// What a queue pair holds while its backend queue is lent to another.
+pub struct Lent;
+
+impl Backend for Lent {
+    fn describe(&self) -> String {
+        "lent to another queue pair".into()
+    }
+    fn tx_frame(&mut self, _segs: &[libc::iovec]) -> vfrelay_backends::Result<bool> {
+        // The guest does not use a disabled pair's TX ring; should it, the
+        // frame has nowhere to go.
+        Ok(true)
+    }
+    fn rx_burst(
+        &mut self,
+        _max: usize,
+        _sink: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> vfrelay_backends::Result<usize> {
+        Ok(0)
+    }
+    fn stats(&self) -> vfrelay_backends::BackendStats {
+        Default::default()
+    }
 }
 
 impl QueuePair {
@@ -183,6 +211,7 @@ impl QueuePair {
             tx_chain: Chain::default(),
             log_cache: LogCache::default(),
             tx_blocked: false,
+            extra_rx: Vec::new(),
         }
     }
 
@@ -200,8 +229,11 @@ impl QueuePair {
         } else {
             10
         };
-        if let Err(e) = self.backend.set_offloads(features) {
-            error!("{}: setting offloads: {e}", self.backend.describe());
+        for b in std::iter::once(&mut self.backend).chain(self.extra_rx.iter_mut().map(|(_, b)| b))
+        {
+            if let Err(e) = b.set_offloads(features) {
+                error!("{}: setting offloads: {e}", b.describe());
+            }
         }
     }
 
@@ -292,16 +324,26 @@ impl QueuePair {
             .prepare(rx, mem, feats, &self.rx_name, &mut self.stats)
         {
             let mrg = feats & VIRTIO_NET_F_MRG_RXBUF != 0;
-            match rx::burst(
-                ring,
-                mem,
-                &mut self.rx_chain,
-                &mut *self.backend,
-                self.hdr_len,
-                mrg,
-                log.map(|l| (l, &mut self.log_cache)),
-                &mut self.stats,
-            ) {
+            let backends =
+                std::iter::once(&mut self.backend).chain(self.extra_rx.iter_mut().map(|(_, b)| b));
+            let mut res = Ok(0);
+            for b in backends {
+                res = rx::burst(
+                    ring,
+                    mem,
+                    &mut self.rx_chain,
+                    &mut **b,
+                    self.hdr_len,
+                    mrg,
+                    log.map(|l| (l, &mut self.log_cache)),
+                    &mut self.stats,
+                )
+                .map(|n| n + res.unwrap_or(0));
+                if res.is_err() {
+                    break;
+                }
+            }
+            match res {
                 Ok(n) => moved += n,
                 Err(e) => self.rx.fail(rx, &self.rx_name, &e, &mut self.stats),
             }

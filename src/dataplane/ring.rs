@@ -10,11 +10,14 @@ use std::sync::atomic::{fence, AtomicU16, Ordering};
 
 use super::mem::{MemView, Region};
 
-pub const VRING_DESC_F_NEXT: u16 = 1;
-pub const VRING_DESC_F_WRITE: u16 = 2;
-pub const VRING_DESC_F_INDIRECT: u16 = 4;
-pub const VRING_USED_F_NO_NOTIFY: u16 = 1;
-pub const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+use virtio_bindings::virtio_ring as vr;
+
+// The ring's flag fields are 16 bits wide; the bindings spell them as u32.
+pub const VRING_DESC_F_NEXT: u16 = vr::VRING_DESC_F_NEXT as u16;
+pub const VRING_DESC_F_WRITE: u16 = vr::VRING_DESC_F_WRITE as u16;
+pub const VRING_DESC_F_INDIRECT: u16 = vr::VRING_DESC_F_INDIRECT as u16;
+pub const VRING_USED_F_NO_NOTIFY: u16 = vr::VRING_USED_F_NO_NOTIFY as u16;
+pub const VRING_AVAIL_F_NO_INTERRUPT: u16 = vr::VRING_AVAIL_F_NO_INTERRUPT as u16;
 
 /// Segments one chain may have after flattening indirect tables. Linux uses
 /// at most MAX_SKB_FRAGS + 2; this leaves room for other drivers.

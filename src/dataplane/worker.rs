@@ -51,7 +51,14 @@ pub struct Slot {
     pub mem: Arc<MemView>,
     /// The dirty log, only while the front end has logging on.
     pub log: Option<Arc<DirtyLog>>,
+    /// Run before each round while set: returns a new memory view once the
+    /// one the rings need has appeared (VDUSE's bounce map shows up with
+    /// the driver's first DMA mapping, without any request), then is
+    /// dropped.
+    pub probe: Option<MemProbe>,
 }
+
+pub type MemProbe = Box<dyn FnMut() -> Option<Arc<MemView>> + Send>;
 
 impl Slot {
     pub fn new(key: QpKey, qp: QueuePair) -> Self {
@@ -62,6 +69,7 @@ impl Slot {
             tx: Vring::new(2 * key.index as u16 + 1),
             mem: Arc::new(MemView::empty()),
             log: None,
+            probe: None,
         }
     }
 
@@ -84,6 +92,14 @@ impl Slot {
     }
 
     fn round(&mut self) -> usize {
+        if let Some(p) = self.probe.as_mut() {
+            if let Some(view) = p() {
+                self.mem = view;
+                // Cached ring translations keep the old view alive.
+                self.qp.reset();
+                self.probe = None;
+            }
+        }
         self.qp
             .round(&self.mem, self.log.as_deref(), &mut self.rx, &mut self.tx)
     }
@@ -158,6 +174,7 @@ impl WorkerHandle {
             epoll: Epoll::new()?,
             entries: Vec::new(),
             next_uid: 0,
+            any_active: false,
         };
         let thread = std::thread::Builder::new()
             .name(format!("worker{id}"))
@@ -273,6 +290,8 @@ struct Worker {
     epoll: Epoll,
     entries: Vec<Entry>,
     next_uid: u64,
+    /// Some queue pair has a running ring (recomputed after commands).
+    any_active: bool,
 }
 
 impl Worker {
@@ -297,7 +316,9 @@ impl Worker {
             if !self.rx.is_empty() && !self.commands() {
                 return Ok(());
             }
-            let moved = if self.poll && !self.entries.is_empty() {
+            // A poll-mode worker with no running ring sleeps: a ring only
+            // starts through a command, which wakes it.
+            let moved = if self.poll && self.any_active {
                 self.poll_round()
             } else {
                 let any_ready = self.entries.iter().any(|e| e.ready);
@@ -313,7 +334,11 @@ impl Worker {
                 if !self.commands() {
                     return Ok(());
                 }
-                self.event_round()
+                if self.poll {
+                    0
+                } else {
+                    self.event_round()
+                }
             };
             let now = Instant::now();
             if moved > 0 {
@@ -413,6 +438,7 @@ impl Worker {
                 }
                 Cmd::Stop => return false,
             }
+            self.any_active = self.entries.iter().any(|e| e.slot.active());
         }
         true
     }
@@ -432,12 +458,15 @@ fn register(epoll: &Epoll, poll: bool, id: usize, e: &mut Entry) {
     }
     // Edge-triggered: the dataplane drains the backend on every event, and
     // a guest without RX buffers must not make the worker spin.
-    if let Some(fd) = e.slot.qp.backend.poll_fd() {
-        want.push((
-            fd,
-            base | BACKEND,
-            EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
-        ));
+    let lent = e.slot.qp.extra_rx.iter().map(|(_, b)| b);
+    for b in std::iter::once(&e.slot.qp.backend).chain(lent) {
+        if let Some(fd) = b.poll_fd() {
+            want.push((
+                fd,
+                base | BACKEND,
+                EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+            ));
+        }
     }
     for (fd, token, set) in want {
         match epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(set, token)) {
@@ -468,5 +497,45 @@ impl QpRef {
         f: impl FnOnce(&mut Slot) -> R + Send + 'static,
     ) -> Option<R> {
         self.worker.apply(self.key, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vfrelay_backends::loopback::Loopback;
+
+    fn slot(index: usize) -> Box<Slot> {
+        let key = QpKey { port: 7, index };
+        Box::new(Slot::new(
+            key,
+            QueuePair::new(index, Box::new(Loopback::new(index))),
+        ))
+    }
+
+    #[test]
+    fn commands_run_on_the_worker_between_bursts() {
+        for poll in [false, true] {
+            let w = WorkerHandle::spawn(0, None, poll).unwrap();
+            w.add(slot(0));
+            w.add(slot(1));
+            let k1 = QpKey { port: 7, index: 1 };
+            let name = w
+                .apply(k1, |s| {
+                    s.rx.next_avail = 42;
+                    std::thread::current().name().map(String::from)
+                })
+                .unwrap();
+            assert_eq!(name.as_deref(), Some("worker0"));
+            assert_eq!(w.apply(k1, |s| s.rx.next_avail), Some(42));
+            // A pair the worker does not have: the command reports so.
+            let k9 = QpKey { port: 7, index: 9 };
+            assert_eq!(w.apply(k9, |_| ()), None);
+            let back = w.remove(k1).unwrap();
+            assert_eq!(back.rx.next_avail, 42);
+            assert!(w.remove(k1).is_none());
+            assert_eq!(w.apply(k1, |_| ()), None);
+            assert!(w.busy() >= 0.0);
+        }
     }
 }

@@ -32,7 +32,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::dataplane::mem::MemView;
 use crate::dataplane::ring::{ChainError, RingAddrs};
 use crate::dataplane::vring::Notifier;
-use crate::dataplane::worker::QpRef;
+use crate::dataplane::worker::{MemProbe, QpRef};
 use crate::net::NetConfig;
 use dev::{Control, Device, Request};
 
@@ -125,12 +125,6 @@ struct State {
     /// DRIVER_OK seen and the rings set up.
     started: bool,
     status: u8,
-    /// The view has nothing at IOVA 0. Under virtio_vdpa the bounce map
-    /// appears with the driver's first DMA mapping, after DRIVER_OK and
-    /// without an UPDATE_IOTLB; until it is seen, the request thread checks
-    /// for it between requests (off the hot path) and then hands the worker
-    /// the new view.
-    probe_low: bool,
 }
 
 struct Shared {
@@ -139,6 +133,11 @@ struct Shared {
     qsize: u16,
     qp: QpRef,
     state: Mutex<State>,
+    /// The view has nothing at IOVA 0. Under virtio_vdpa the bounce map
+    /// appears with the driver's first DMA mapping, after DRIVER_OK and
+    /// without an UPDATE_IOTLB; until it is seen, the worker probes for it
+    /// before each round ([`Shared::mem_probe`]).
+    probe_low: AtomicBool,
     kicks: [EventFd; 2],
     /// Ends the request thread (after detach: detaching needs answers).
     stop_requests: AtomicBool,
@@ -168,8 +167,8 @@ impl Shared {
             state: Mutex::new(State {
                 started: false,
                 status: 0,
-                probe_low: true,
             }),
+            probe_low: AtomicBool::new(true),
             kicks: [efd()?, efd()?],
             stop_requests: AtomicBool::new(false),
             broken: AtomicBool::new(false),
@@ -182,20 +181,18 @@ impl Shared {
         Ok(sh)
     }
 
-    /// Re-reads the IOTLB into a fresh view and hands it to the worker
-    /// (the old one is unmapped once the worker lets go of it).
-    fn refresh_view(&self, st: &mut State) {
-        // Drop the worker's first so entries the kernel removed are
-        // unmapped before the new ones are mapped.
-        self.qp.apply(|s| {
-            s.mem = Arc::new(MemView::empty());
-            s.qp.reset();
-        });
+    /// Re-reads the IOTLB into a fresh view and hands it to the worker in
+    /// one step (the old one is unmapped once the worker lets go of it).
+    /// While IOVA 0 is unmapped the worker probes for it before each round.
+    fn refresh_view(self: &Arc<Self>, st: &mut State) {
         match iotlb::build_view(&self.dev) {
             Ok(v) => {
-                st.probe_low = v.translate(0, 1).is_none();
+                let low = v.translate(0, 1).is_none();
+                self.probe_low.store(low, Ordering::SeqCst);
+                let probe = (st.started && low).then(|| self.mem_probe());
                 self.qp.apply(move |s| {
                     s.mem = v;
+                    s.probe = probe;
                     // Cached ring translations keep the old view alive.
                     s.qp.reset();
                 });
@@ -204,7 +201,26 @@ impl Shared {
         }
     }
 
-    fn handle(&self, req: Request) -> (bool, Option<(u32, u16)>) {
+    /// One ioctl per round until the bounce map is there: the driver's first
+    /// frames point into it, and a round run without it would stop the
+    /// queue for a buffer "outside guest memory".
+    fn mem_probe(self: &Arc<Self>) -> MemProbe {
+        let sh = Arc::downgrade(self);
+        Box::new(move || {
+            let sh = sh.upgrade()?;
+            if !sh.dev.iotlb_has(0, 0) {
+                return None;
+            }
+            let v = iotlb::build_view(&sh.dev).ok()?;
+            v.translate(0, 1)?;
+            // Not the state lock: its holder may be waiting for this worker.
+            sh.probe_low.store(false, Ordering::SeqCst);
+            debug!("{}: IOVA 0 mapped", sh.name);
+            Some(v)
+        })
+    }
+
+    fn handle(self: &Arc<Self>, req: Request) -> (bool, Option<(u32, u16)>) {
         match req {
             Request::GetVqState { index } => {
                 if index >= VQ_NUM {
@@ -239,7 +255,7 @@ impl Shared {
         }
     }
 
-    fn set_status(&self, status: u8) -> bool {
+    fn set_status(self: &Arc<Self>, status: u8) -> bool {
         let mut st = self.state.lock().unwrap();
         debug!("{}: SET_STATUS {status:#x}", self.name);
         if status == 0 {
@@ -248,11 +264,12 @@ impl Shared {
             }
             st.started = false;
             st.status = 0;
-            st.probe_low = true;
+            self.probe_low.store(true, Ordering::SeqCst);
             self.qp.apply(|s| {
                 s.rx.reset();
                 s.tx.reset();
                 s.mem = Arc::new(MemView::empty());
+                s.probe = None;
                 s.qp.reset();
             });
             for k in &self.kicks {
@@ -271,7 +288,7 @@ impl Shared {
     }
 
     /// DRIVER_OK: features, ring addresses and indices, memory, kick fds.
-    fn start(&self, st: &mut State) -> Result<(), String> {
+    fn start(self: &Arc<Self>, st: &mut State) -> Result<(), String> {
         let features = self.dev.driver_features().map_err(|e| e.to_string())?;
         let mut vqs = [VqState::default(); 2];
         for (i, vq) in vqs.iter_mut().enumerate() {
@@ -311,6 +328,9 @@ impl Shared {
                 .map_err(|e| e.to_string())?;
             kicks.push(k.try_clone().map_err(|e| e.to_string())?);
         }
+        // Started before the view goes in, so the worker probes for IOVA 0
+        // from its first round if it is not mapped yet.
+        st.started = true;
         self.refresh_view(st);
         let event_idx = features & crate::net::F_EVENT_IDX != 0;
         self.qp.apply(move |s| {
@@ -326,25 +346,16 @@ impl Shared {
                 r.started = vq.ready;
             }
         });
-        st.started = true;
         info!(
             "{}: driver ready, features {features:#x}, IOVA 0 {}",
             self.name,
-            if st.probe_low {
+            if self.probe_low.load(Ordering::SeqCst) {
                 "not mapped yet"
             } else {
                 "mapped"
             }
         );
         Ok(())
-    }
-
-    /// Between requests: the bounce map may have appeared (see probe_low).
-    fn probe(&self) {
-        let mut st = self.state.lock().unwrap();
-        if st.started && st.probe_low && self.dev.iotlb_has(0, 0) {
-            self.refresh_view(&mut st);
-        }
     }
 }
 
@@ -358,12 +369,10 @@ fn serve_requests(sh: Arc<Shared>) {
             revents: 0,
         };
         // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, 100) };
+        let n = unsafe { libc::poll(&mut pfd, 1, 200) };
         if n <= 0 {
-            sh.probe();
             continue;
         }
-        sh.probe();
         if pfd.revents & libc::POLLERR != 0 {
             error!("{}: device broken (a request timed out)", sh.name);
             sh.broken.store(true, Ordering::SeqCst);
@@ -569,6 +578,7 @@ impl Port {
             sh.qp.apply(|s| {
                 s.rx.notifier = None;
                 s.tx.notifier = None;
+                s.probe = None;
                 s.reset();
             });
         }

@@ -94,6 +94,9 @@ pub struct Device {
     mem: Arc<MemView>,
     log: Option<Arc<DirtyLog>>,
     vrings: Vec<VringCfg>,
+    /// Per queue pair: the pair its backend queue is lent to while the
+    /// guest does not use it.
+    lent_to: Vec<Option<usize>>,
     /// Test-only: pretend to log (VFRELAY_TEST_DISABLE_DIRTY_LOG=1), so the
     /// migration test can show it catches a missing log.
     log_disabled_for_test: bool,
@@ -102,7 +105,9 @@ pub struct Device {
 impl Device {
     pub fn new(name: String, cfg: NetConfig, offloads: u64, qps: Vec<QpRef>) -> Self {
         let vrings = vec![VringCfg::default(); 2 * qps.len()];
+        let lent_to = vec![None; qps.len()];
         Device {
+            lent_to,
             name,
             cfg,
             offloads,
@@ -170,6 +175,8 @@ impl Device {
     /// log and rings (nothing of the old guest stays mapped: its QEMU may be
     /// gone for good, e.g. after migrating away).
     pub fn end_connection(&mut self) {
+        self.vrings.fill(VringCfg::default());
+        self.rebalance_rx();
         for (i, q) in self.qps.iter().enumerate() {
             let got = q.apply(|s| {
                 let st = (s.qp.stats, s.qp.backend.stats());
@@ -249,6 +256,7 @@ impl Device {
                 let s = body::<VhostUserVringState>(&r)?;
                 let v = self.vring_index(s.index)?;
                 let base = self.stop_ring(v);
+                self.rebalance_rx();
                 Ok(Some(
                     VhostUserVringState::new(v as u32, base as u32)
                         .as_slice()
@@ -257,7 +265,9 @@ impl Device {
             }
             SET_VRING_KICK => {
                 let (v, fd) = self.vring_fd(r)?;
-                self.start_ring(v, fd).map(|_| None)
+                self.start_ring(v, fd)?;
+                self.rebalance_rx();
+                Ok(None)
             }
             SET_VRING_CALL => {
                 let (v, fd) = self.vring_fd(r)?;
@@ -283,6 +293,7 @@ impl Device {
                     if on { "enabled" } else { "disabled" }
                 );
                 self.qp_of(v).apply(move |s| s.vring_mut(v).enabled = on);
+                self.rebalance_rx();
                 Ok(None)
             }
             SEND_RARP => {
@@ -336,6 +347,58 @@ impl Device {
         Ok((vring, fd))
     }
 
+    /// A guest may use fewer queue pairs than the port has (Linux enables
+    /// min(pairs, vCPUs); `ethtool -L` lowers it). The NIC still steers
+    /// frames to every backend queue, so the backend queue of each unused
+    /// pair is lent to a used one, whose RX ring then takes its frames too;
+    /// nothing is lost for that reason. Called after every change to which
+    /// rings run.
+    fn rebalance_rx(&mut self) {
+        let running = |c: &VringCfg| c.started && c.enabled;
+        let n = self.qps.len();
+        let used: Vec<usize> = (0..n).filter(|i| running(&self.vrings[2 * i])).collect();
+        let want: Vec<Option<usize>> = (0..n)
+            .map(|i| {
+                let idle = !running(&self.vrings[2 * i]) && !running(&self.vrings[2 * i + 1]);
+                (idle && !used.is_empty()).then(|| used[i % used.len()])
+            })
+            .collect();
+        // Take back what moves first: a pair about to lend or to run must
+        // hold its own backend queue again.
+        for (i, w) in want.iter().enumerate() {
+            if let Some(t) = self.lent_to[i] {
+                if *w == Some(t) {
+                    continue;
+                }
+                let back = self.qps[t].apply(move |s| {
+                    let pos = s.qp.extra_rx.iter().position(|(src, _)| *src == i)?;
+                    Some(s.qp.extra_rx.swap_remove(pos).1)
+                });
+                if let Some(Some(b)) = back {
+                    self.qps[i].apply(move |s| s.qp.backend = b);
+                }
+                self.lent_to[i] = None;
+                debug!("{}: queue pair {i} has its backend queue back", self.name);
+            }
+        }
+        for (i, w) in want.iter().enumerate() {
+            let Some(t) = *w else { continue };
+            if self.lent_to[i].is_some() {
+                continue;
+            }
+            let b = self.qps[i]
+                .apply(|s| std::mem::replace(&mut s.qp.backend, Box::new(crate::dataplane::Lent)));
+            if let Some(b) = b {
+                self.qps[t].apply(move |s| s.qp.extra_rx.push((i, b)));
+                self.lent_to[i] = Some(t);
+                info!(
+                    "{}: queue pair {i} is not in use: frames for its backend queue go to queue pair {t}",
+                    self.name
+                );
+            }
+        }
+    }
+
     fn set_features(&mut self, v: u64) {
         let was_logging = self.logging();
         debug!("{}: driver acked features {v:#x}", self.name);
@@ -345,6 +408,7 @@ impl Device {
             for c in &mut self.vrings {
                 c.enabled = true;
             }
+            self.rebalance_rx();
         }
         if self.logging() != was_logging {
             if self.logging() && self.log_disabled_for_test {
@@ -383,6 +447,8 @@ impl Device {
     }
 
     fn reset_device(&mut self) {
+        self.vrings.fill(VringCfg::default());
+        self.rebalance_rx();
         for q in &self.qps {
             q.apply(|s| {
                 s.rx.reset();
@@ -664,3 +730,177 @@ impl Device {
 
 /// Keeps the mapped regions of one memory table alive as long as a view.
 struct Owners(#[allow(dead_code)] Vec<Arc<MmapRegion<()>>>);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::dirty_log::tests::memfd;
+    use crate::dataplane::worker::{QpKey, Slot, WorkerHandle};
+    use crate::dataplane::QueuePair;
+    use crate::frontend::vhost_user::protocol::Header;
+    use vfrelay_backends::loopback::Loopback;
+
+    fn device(pairs: usize) -> Device {
+        let worker = Arc::new(WorkerHandle::spawn(0, None, false).unwrap());
+        let qps = (0..pairs)
+            .map(|i| {
+                let key = QpKey { port: 1, index: i };
+                let qp = QueuePair::new(i, Box::new(Loopback::new(i)));
+                worker.add(Box::new(Slot::new(key, qp)));
+                QpRef {
+                    worker: worker.clone(),
+                    key,
+                }
+            })
+            .collect();
+        let cfg = NetConfig {
+            mac: [0x52, 0x54, 0, 0, 0, 1],
+            mtu: 1500,
+            queue_pairs: pairs,
+            queue_size: 256,
+        };
+        Device::new("t".into(), cfg, 0, qps)
+    }
+
+    fn req(req: FrontendReq, body: &[u8], files: Vec<File>) -> Request {
+        Request {
+            hdr: Header {
+                request: req as u32,
+                flags: 1,
+                size: body.len() as u32,
+            },
+            req,
+            body: body.to_vec(),
+            files,
+        }
+    }
+
+    fn set_features(d: &mut Device, f: u64) {
+        d.handle(req(FrontendReq::SET_FEATURES, &f.to_ne_bytes(), vec![]))
+            .unwrap();
+    }
+
+    fn log_base(d: &mut Device, size: u64) -> Result<Option<Vec<u8>>, Failure> {
+        let l = VhostUserLog::new(size, 0);
+        let f = File::from(memfd(4096));
+        d.handle(req(FrontendReq::SET_LOG_BASE, l.as_slice(), vec![f]))
+    }
+
+    fn worker_log(d: &Device, qp: usize) -> bool {
+        d.qps[qp].apply(|s| s.log.is_some()).unwrap()
+    }
+
+    #[test]
+    fn logging_follows_log_all_on_every_set_features() {
+        let mut d = device(2);
+        assert!(d.features() & F_LOG_ALL != 0);
+        assert_eq!(log_base(&mut d, 4096).unwrap(), Some(Vec::new()));
+        assert!(!worker_log(&d, 0), "no LOG_ALL yet");
+        set_features(&mut d, net::F_VERSION_1 | F_LOG_ALL);
+        assert!(worker_log(&d, 0) && worker_log(&d, 1));
+        // Migration cancelled: QEMU acks the features again without LOG_ALL.
+        set_features(&mut d, net::F_VERSION_1);
+        assert!(!worker_log(&d, 0) && !worker_log(&d, 1));
+        // A new connection forgets the log entirely.
+        set_features(&mut d, net::F_VERSION_1 | F_LOG_ALL);
+        d.end_connection();
+        set_features(&mut d, net::F_VERSION_1 | F_LOG_ALL);
+        assert!(!worker_log(&d, 0), "log base must be sent again");
+    }
+
+    #[test]
+    fn vring_log_addresses_are_per_vring_and_reset() {
+        let mut d = device(2);
+        let addr = |index: u32, flags: u32, log: u64| {
+            let a = VhostUserVringAddr {
+                index,
+                flags,
+                descriptor: 0x1000,
+                used: 0x2000,
+                available: 0x3000,
+                log,
+            };
+            d_req(a)
+        };
+        fn d_req(a: VhostUserVringAddr) -> Request {
+            req(FrontendReq::SET_VRING_ADDR, a.as_slice(), vec![])
+        }
+        d.handle(addr(3, VRING_F_LOG, 0x5000)).unwrap();
+        d.handle(addr(1, 0, 0x6000)).unwrap();
+        assert!(matches!(
+            d.handle(addr(99, VRING_F_LOG, 1)),
+            Err(Failure::Close(_))
+        ));
+        assert_eq!(d.vrings[3].log_addr, Some(0x5000));
+        assert_eq!(d.vrings[1].log_addr, None);
+        d.end_connection();
+        assert_eq!(d.vrings[3].log_addr, None);
+    }
+
+    #[test]
+    fn an_unmappable_log_is_refused() {
+        let mut d = device(1);
+        assert!(matches!(log_base(&mut d, 0), Err(Failure::Close(_))));
+        assert!(d.log.is_none());
+    }
+
+    #[test]
+    fn requests_for_vrings_the_device_lacks_close_the_connection() {
+        let mut d = device(1);
+        let st = VhostUserVringState::new(2, 256);
+        for r in [FrontendReq::SET_VRING_NUM, FrontendReq::GET_VRING_BASE] {
+            assert!(matches!(
+                d.handle(req(r, st.as_slice(), vec![])),
+                Err(Failure::Close(_))
+            ));
+        }
+        // Not a power of two, or larger than offered.
+        for n in [0, 100, 512] {
+            let st = VhostUserVringState::new(0, n);
+            assert!(d
+                .handle(req(FrontendReq::SET_VRING_NUM, st.as_slice(), vec![]))
+                .is_err());
+        }
+    }
+
+    #[test]
+    fn an_unused_pairs_backend_queue_is_lent_to_a_used_one() {
+        let mut d = device(2);
+        let describe = |d: &Device, i: usize| d.qps[i].apply(|s| s.qp.backend.describe()).unwrap();
+        let extra = |d: &Device, i: usize| {
+            d.qps[i]
+                .apply(|s| {
+                    s.qp.extra_rx
+                        .iter()
+                        .map(|(src, _)| *src)
+                        .collect::<Vec<_>>()
+                })
+                .unwrap()
+        };
+        let own = describe(&d, 1);
+        // The guest runs pair 0 only.
+        for v in [0, 1] {
+            d.vrings[v].started = true;
+            d.vrings[v].enabled = true;
+        }
+        d.rebalance_rx();
+        assert_eq!(extra(&d, 0), vec![1]);
+        assert_eq!(describe(&d, 1), "lent to another queue pair");
+        // ethtool -L combined 2: pair 1 runs and has its queue back.
+        for v in [2, 3] {
+            d.vrings[v].started = true;
+            d.vrings[v].enabled = true;
+        }
+        d.rebalance_rx();
+        assert!(extra(&d, 0).is_empty());
+        assert_eq!(describe(&d, 1), own);
+        // Back to one pair, then the front end goes: nothing stays lent.
+        d.vrings[2].enabled = false;
+        d.vrings[3].enabled = false;
+        d.rebalance_rx();
+        assert_eq!(extra(&d, 0), vec![1]);
+        d.end_connection();
+        assert!(extra(&d, 0).is_empty());
+        assert_eq!(describe(&d, 1), own);
+    }
+}
