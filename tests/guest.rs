@@ -11,8 +11,8 @@
 
 mod common;
 
-use common::guest::{Guest, GuestConfig};
-use common::netns::{wait_for_link, Netns, Veth};
+use common::guest::{ping_both_ways, Guest, GuestConfig};
+use common::netns::{disable_ipv6, wait_for_link, Netns, Veth};
 use common::vfrelay::Vfrelay;
 use common::{secs, unique_name, wait_until, TempDir};
 
@@ -20,36 +20,6 @@ fn require_root() {
     assert!(
         common::is_root(),
         "guest tests need root (network namespaces, QEMU, taps)"
-    );
-}
-
-/// Pings `peer_ip` from the guest and `guest_ip` from `ns`, with 56- and
-/// 1472-byte payloads (the latter fills a 1500-byte MTU).
-fn ping_both_ways(guest: &mut Guest, ns: &Netns, guest_ip: &str, peer_ip: &str) {
-    // The first ping also waits for the link and ARP to settle.
-    let (st, out) = guest.retry(&format!("ping -c 1 -W 2 {peer_ip}"), secs(30));
-    assert_eq!(st, 0, "guest cannot reach {peer_ip}:\n{out}");
-    for size in [56, 1472] {
-        let out = guest.ok(&format!("ping -c 3 -i 0.2 -W 3 -s {size} {peer_ip}"));
-        assert!(
-            out.contains("3 packets received"),
-            "guest -> peer, {size} bytes:\n{out}"
-        );
-        let out = ns
-            .ping(guest_ip, 3, size)
-            .unwrap_or_else(|out| panic!("peer -> guest {guest_ip}, {size} bytes failed:\n{out}"));
-        assert!(
-            out.contains("3 packets received"),
-            "peer -> guest, {size} bytes:\n{out}"
-        );
-    }
-}
-
-fn disable_ipv6(ifname: &str) {
-    // Keeps the link quiet (no DAD / router solicitations); best effort.
-    let _ = std::fs::write(
-        format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"),
-        "1",
     );
 }
 

@@ -17,6 +17,7 @@
 //! is then the live one: [`Guest::take_over`] carries the command counter
 //! over, so the test keeps driving whichever `Guest` now runs the VM.
 
+use super::netns::Netns;
 use super::{repo_root, secs, unique_name, TempDir};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -175,6 +176,42 @@ pub fn guest_images() -> (PathBuf, PathBuf) {
         }
     });
     (dir.join("vmlinuz"), dir.join("initramfs.cpio.gz"))
+}
+
+/// Host path of guest tool `name` (a static binary from tests/guest-tools/
+/// that [`guest_images`] built into the initramfs staging tree), to run it
+/// on the host too, e.g. `udpburst send` from a test namespace.
+pub fn guest_tool(name: &str) -> PathBuf {
+    let (kernel, _) = guest_images();
+    let tool = kernel
+        .parent()
+        .unwrap()
+        .join("initramfs-root/bin")
+        .join(name);
+    assert!(tool.is_file(), "{} missing", tool.display());
+    tool
+}
+
+/// Pings `peer_ip` from the guest and `guest_ip` from `ns`, 3 packets each
+/// way with 56- and 1472-byte payloads (the latter fills a 1500-byte MTU).
+pub fn ping_both_ways(guest: &mut Guest, ns: &Netns, guest_ip: &str, peer_ip: &str) {
+    // The first ping also waits for the link and ARP to settle.
+    let (st, out) = guest.retry(&format!("ping -c 1 -W 2 {peer_ip}"), secs(30));
+    assert_eq!(st, 0, "guest cannot reach {peer_ip}:\n{out}");
+    for size in [56, 1472] {
+        let out = guest.ok(&format!("ping -c 3 -i 0.2 -W 3 -s {size} {peer_ip}"));
+        assert!(
+            out.contains("3 packets received"),
+            "guest -> peer, {size} bytes:\n{out}"
+        );
+        let out = ns
+            .ping(guest_ip, 3, size)
+            .unwrap_or_else(|out| panic!("peer -> guest {guest_ip}, {size} bytes failed:\n{out}"));
+        assert!(
+            out.contains("3 packets received"),
+            "peer -> guest, {size} bytes:\n{out}"
+        );
+    }
 }
 
 #[derive(Default)]

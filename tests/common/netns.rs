@@ -118,6 +118,22 @@ impl Netns {
         self.ip(&["link", "set", "dev", ifname, "up"]);
     }
 
+    /// Makes `ifname` (in the namespace, `queues` TX queues) transmit on
+    /// TX queue `queue` only: XPS maps every CPU to it and none to the
+    /// others. Without XPS the kernel picks a TX queue by flow hash, which
+    /// a test cannot aim.
+    pub fn xps_only(&self, ifname: &str, queue: u32, queues: u32) {
+        let dir = format!("/sys/class/net/{ifname}/queues");
+        // The chosen queue first: a CPU mapped to no queue would fall back
+        // to the hash.
+        let mut script = format!("echo {} > {dir}/tx-{queue}/xps_cpus", all_cpus_mask());
+        for q in (0..queues).filter(|q| *q != queue) {
+            script.push_str(&format!(" && echo 0 > {dir}/tx-{q}/xps_cpus"));
+        }
+        // `ip netns exec` mounts a /sys that shows the namespace's links.
+        self.exec_ok("sh", &["-c", &script]);
+    }
+
     /// Pings `dst` from inside the namespace (busybox ping: the host may have
     /// no iputils). Returns the output; `Err` carries it when ping fails.
     pub fn ping(&self, dst: &str, count: u32, size: u32) -> Result<String, String> {
@@ -182,6 +198,24 @@ impl Veth {
         Veth { host, peer }
     }
 
+    /// A pair whose ends each have `queues` RX and TX queues. What one end
+    /// sends on TX queue q arrives on RX queue q of the other end (veth
+    /// keeps the skb's queue mapping), so [`Netns::xps_only`] on one end
+    /// picks the RX queue of the other.
+    pub fn with_queues(queues: u32) -> Veth {
+        reap_once();
+        let host = unique_name("v");
+        let peer = unique_name("w");
+        let q = queues.to_string();
+        let per_end = ["numrxqueues", &q, "numtxqueues", &q];
+        let mut args = vec!["link", "add", &host];
+        args.extend(per_end);
+        args.extend(["type", "veth", "peer", "name", &peer]);
+        args.extend(per_end);
+        run_ok("ip", &args);
+        Veth { host, peer }
+    }
+
     /// Moves the peer end into `ns` with address `addr`, sets both ends up.
     pub fn peer_into(&self, ns: &Netns, addr: &str) {
         ns.adopt(&self.peer, addr);
@@ -210,4 +244,43 @@ pub fn wait_for_link(ifname: &str, timeout: Duration) -> bool {
     wait_until(timeout, || {
         std::path::Path::new(&format!("/sys/class/net/{ifname}")).exists()
     })
+}
+
+/// Turns IPv6 off on host interface `ifname`, which keeps the link quiet
+/// (no DAD, no router solicitations); best effort.
+pub fn disable_ipv6(ifname: &str) {
+    let _ = std::fs::write(
+        format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"),
+        "1",
+    );
+}
+
+/// Counter `name` of `ethtool -S ifname` (host namespace); None if the
+/// driver has no such counter.
+pub fn nic_stat(ifname: &str, name: &str) -> Option<u64> {
+    let out = run_ok("ethtool", &["-S", ifname]);
+    out.lines().find_map(|l| {
+        let (k, v) = l.trim().split_once(':')?;
+        (k == name).then(|| v.trim().parse().ok())?
+    })
+}
+
+/// A cpumask (`xps_cpus` format: 32-bit hex words, comma-separated, most
+/// significant first) with every configured CPU set.
+fn all_cpus_mask() -> String {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }.max(1) as usize;
+    (0..n.div_ceil(32))
+        .rev()
+        .map(|w| {
+            let bits = (n - w * 32).min(32);
+            let word = if bits == 32 {
+                u32::MAX
+            } else {
+                (1u32 << bits) - 1
+            };
+            format!("{word:08x}")
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }

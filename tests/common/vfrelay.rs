@@ -155,6 +155,19 @@ impl Vfrelay {
         out
     }
 
+    /// [`ctl_ok`](Self::ctl_ok) of a `--json` listing; returns the list:
+    /// the array itself, or the array under `key` if the client wraps it
+    /// in an object (`ports`, `workers`).
+    pub fn ctl_list(&self, args: &[&str], key: &str) -> Vec<serde_json::Value> {
+        let out = self.ctl_ok(args);
+        let v: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("`vfrelay {}`: {e}: {out}", args.join(" ")));
+        v.as_array()
+            .or_else(|| v[key].as_array())
+            .unwrap_or_else(|| panic!("no {key} list in {v}"))
+            .clone()
+    }
+
     /// Waits until `path` exists; panics with the log on timeout or exit.
     pub fn wait_for_socket(&mut self, path: &Path, timeout: Duration) {
         let path: PathBuf = path.to_path_buf();
