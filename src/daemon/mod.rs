@@ -153,11 +153,17 @@ impl Daemon {
             }
             let now = Instant::now();
             for i in 0..self.ports.len() {
-                self.with_front(i, |f| {
-                    if let Front::VhostUser(v) = f {
-                        v.tick(now)
-                    }
-                });
+                let due = match &self.ports[i].front {
+                    Some(Front::VhostUser(v)) => v.deadline().is_some_and(|t| t <= now),
+                    _ => false,
+                };
+                if due {
+                    self.with_front(i, |f| {
+                        if let Front::VhostUser(v) = f {
+                            v.tick(now)
+                        }
+                    });
+                }
             }
             if exit_with_port {
                 if let Some(p) = self
