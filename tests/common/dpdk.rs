@@ -362,6 +362,23 @@ impl Testpmd {
         split_port_stats(&out).map_err(|e| format!("{}: {e}", self.name))
     }
 
+    /// After `stop`: receive what is still in flight on `port` (rxonly
+    /// until RX catches up with TX and 300 ms passed), stop again, and
+    /// return the port's final counters.
+    pub fn drain(&mut self, port: u16) -> PortStats {
+        for c in ["set fwd rxonly", "start"] {
+            self.cmd(c, super::secs(10))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        let drained = Instant::now();
+        let ten = super::secs(10);
+        let _ = self.wait_stats(port, "drain", ten, ten, |s| {
+            s.rx_packets >= s.tx_packets && drained.elapsed() > Duration::from_millis(300)
+        });
+        self.cmd("stop", ten).unwrap_or_else(|e| panic!("{e}"));
+        self.port_stats(port).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// Polls `show port stats <port>` until `done(stats)`; fails when
     /// `timeout` passes or the counters stop moving for `stall`.
     pub fn wait_stats(
