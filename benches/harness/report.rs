@@ -132,18 +132,19 @@ impl Report<'_> {
             self.load_before,
             self.load_after
         );
-        let _ = writeln!(
-            m,
-            "Guest: `dpdk-testpmd` with `net_virtio_user` (queue size 1024), forwarding \
+        if !self.samples.is_empty() {
+            let _ = writeln!(
+                m,
+                "Guest: `dpdk-testpmd` with `net_virtio_user` (queue size 1024), forwarding \
              on core 1. Back end on core 0: vfrelay `--poll` (pinned), or DPDK testpmd \
              `net_vhost` (one forwarding lcore). Frame sizes include the 4-byte FCS \
              (testpmd `set txpkts` = size - 4). Rates in Mpps, median of the \
              repetitions (all samples listed); the best-of ratio is context for a \
              machine shared with other work, the median ratio is the result.\n"
-        );
-        let _ = writeln!(
-            m,
-            "- loopback: guest `set fwd mac`, `start tx_first 32`; vfrelay `loopback` vs \
+            );
+            let _ = writeln!(
+                m,
+                "- loopback: guest `set fwd mac`, `start tx_first 32`; vfrelay `loopback` vs \
              DPDK `set fwd mac`; rate = frames back at the guest.\n\
              - af-xdp: vfrelay `af-xdp,mode=copy` on a veth whose peer is in a namespace \
              vs DPDK `net_vhost` <-> `net_af_xdp` (`set fwd io`) on the same kind of veth. \
@@ -152,26 +153,27 @@ impl Report<'_> {
              guest), guest `rxonly`, rate = guest RX.\n\
              - tap: the same through vfrelay `tap` vs DPDK `net_tap`, the tap inside the \
              namespace.\n"
-        );
-        let _ = writeln!(
+            );
+            let _ = writeln!(
             m,
             "| scenario | queue pairs | frame (B) | vfrelay Mpps | DPDK Mpps | vfrelay / DPDK | best vfrelay / best DPDK | vfrelay samples | DPDK samples |"
         );
-        let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|");
-        for p in points(self.samples) {
-            let _ = writeln!(
-                m,
-                "| {} | {} | {} | {:.3} | {:.3} | {:.2} | {:.2} | {} | {} |",
-                p.scenario,
-                p.queues,
-                p.size,
-                median(&p.vfrelay),
-                median(&p.dpdk),
-                p.ratio(),
-                best(&p.vfrelay) / best(&p.dpdk),
-                list(&p.vfrelay),
-                list(&p.dpdk)
-            );
+            let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|");
+            for p in points(self.samples) {
+                let _ = writeln!(
+                    m,
+                    "| {} | {} | {} | {:.3} | {:.3} | {:.2} | {:.2} | {} | {} |",
+                    p.scenario,
+                    p.queues,
+                    p.size,
+                    median(&p.vfrelay),
+                    median(&p.dpdk),
+                    p.ratio(),
+                    best(&p.vfrelay) / best(&p.dpdk),
+                    list(&p.vfrelay),
+                    list(&p.dpdk)
+                );
+            }
         }
         if !self.idle.is_empty() {
             let _ = writeln!(
