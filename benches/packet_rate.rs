@@ -5,6 +5,7 @@
 //! cargo bench --bench packet_rate -- --smoke      # every configuration ~2 s
 //! cargo bench --bench packet_rate -- --only loopback --reps 3 --sizes 64
 //! cargo bench --bench packet_rate -- --only af-xdp --dir guest-to-wire
+//! cargo bench --bench packet_rate -- --only ports --ports 1,4,16,64 --reps 3
 //! ```
 //!
 //! Writes `benches/results/<stamp>/{report.md,plot.svg,samples.csv}` and the
@@ -26,6 +27,7 @@ fn main() {
     let mut secs = None;
     let mut sizes = None;
     let mut queues = None;
+    let mut ports = None;
     let mut dirs = Vec::new();
     let mut exe = PathBuf::from(env!("CARGO_BIN_EXE_vfrelay"));
     let mut out = root.join("benches/results");
@@ -38,7 +40,7 @@ fn main() {
             // cargo bench passes --bench to harness = false targets.
             "--bench" => {}
             "--smoke" => smoke = true,
-            "--only" => only.push(val("loopback|af-xdp|tap|idle")),
+            "--only" => only.push(val("loopback|af-xdp|tap|idle|ports")),
             "--reps" => reps = Some(val("N").parse().expect("--reps N")),
             "--secs" => secs = Some(val("seconds").parse().expect("--secs S")),
             "--sizes" => {
@@ -57,13 +59,21 @@ fn main() {
                         .collect(),
                 )
             }
+            "--ports" => {
+                ports = Some(
+                    val("1,4,16,64")
+                        .split(',')
+                        .map(|s| s.parse().expect("--ports 1,4,16,64"))
+                        .collect(),
+                )
+            }
             "--dir" => dirs.push(val("guest-to-wire|wire-to-guest")),
             // Another build, e.g. to compare a change against its parent.
             "--vfrelay" => exe = PathBuf::from(val("path")),
             "--out" => out = PathBuf::from(val("dir")),
             other => panic!(
                 "unknown argument {other}: [--smoke] [--only SCENARIO]... [--reps N] \
-                 [--secs S] [--sizes 64,1518] [--queues 1,2] [--dir guest-to-wire|wire-to-guest]... \
+                 [--secs S] [--sizes 64,1518] [--queues 1,2] [--ports 1,4,16,64] [--dir guest-to-wire|wire-to-guest]... \
                  [--vfrelay PATH] [--out DIR]"
             ),
         }
@@ -80,6 +90,9 @@ fn main() {
     }
     if let Some(q) = queues {
         cfg.loopback_queues = q;
+    }
+    if let Some(p) = ports {
+        cfg.ports = p;
     }
     if let Some(s) = sizes {
         cfg.sizes = s;

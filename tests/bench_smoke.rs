@@ -1,6 +1,8 @@
 //! CI keeps the packet-rate harness (benches/packet_rate.rs) working: one
 //! smoke-mode run (every configuration briefly, one repetition) must write a
-//! report, a plot and non-zero rates for both back ends. Never a timed test.
+//! report, a plot and non-zero rates for both back ends; the ports scenario
+//! (1 and 4 ports in smoke mode) non-zero rates for every back end with every
+//! port carrying frames. Never a timed test.
 //!
 //! Run as root: `cargo test --test bench_smoke -- --ignored`.
 
@@ -50,4 +52,32 @@ fn harness_smoke_mode_writes_a_report() {
         }
     }
     assert!(report.contains("% of one core"), "{report}");
+
+    let csv = std::fs::read_to_string(out.join("ports.csv")).expect("ports.csv");
+    // ports,frontends,side,rep,mpps,silent_ports,connected,rss_kb
+    let rows: Vec<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    for n in cfg.ports.iter().map(|n| n.to_string()) {
+        for side in ["vfrelay", "dpdk", "vfrelay-event"] {
+            let mine: Vec<_> = rows.iter().filter(|r| r[0] == n && r[2] == side).collect();
+            assert!(!mine.is_empty(), "no ports x{n} {side} samples:\n{csv}");
+            for r in mine {
+                let mpps: f64 = r[4].parse().unwrap();
+                assert!(mpps > 0.0, "zero rate: {r:?}\n{report}");
+                assert_eq!(r[5], "0", "ports that carried nothing: {r:?}\n{report}");
+                if side != "dpdk" {
+                    assert_eq!(r[6], n, "ports not connected: {r:?}\n{report}");
+                }
+            }
+        }
+    }
+    assert!(report.contains("## ports"), "{report}");
+    assert!(
+        report.contains("Idle: the daemon in event mode"),
+        "{report}"
+    );
+    assert!(report.contains("VmRSS per port"), "{report}");
 }

@@ -10,6 +10,7 @@
 
 mod gen;
 mod plot;
+mod ports;
 mod report;
 
 use std::path::{Path, PathBuf};
@@ -21,6 +22,7 @@ use crate::common::netns::{Netns, Veth};
 use crate::common::vfrelay::Vfrelay;
 use crate::common::{run, TempDir};
 
+pub use ports::PortsResult;
 pub use report::Sample;
 
 /// Frame sizes on the wire (with the 4-byte FCS, RFC 2544 style); testpmd
@@ -39,7 +41,7 @@ pub struct Config {
     pub out: PathBuf,
     pub raw: PathBuf,
     pub vfrelay: PathBuf,
-    /// Scenarios to run (all when empty): loopback, af-xdp, tap, idle.
+    /// Scenarios to run (all when empty): loopback, af-xdp, tap, idle, ports.
     pub only: Vec<String>,
     pub sizes: Vec<usize>,
     /// Queue pairs of the loopback scenario.
@@ -47,6 +49,9 @@ pub struct Config {
     /// Directions of the af-xdp and tap scenarios (both when empty):
     /// guest-to-wire, wire-to-guest.
     pub dirs: Vec<String>,
+    /// Port counts of the ports scenario; the idle daemon there gets the
+    /// largest.
+    pub ports: Vec<usize>,
 }
 
 impl Config {
@@ -70,6 +75,11 @@ impl Config {
             },
             loopback_queues: vec![1, 2],
             dirs: Vec::new(),
+            ports: if smoke {
+                vec![1, 4]
+            } else {
+                vec![1, 4, 16, 64]
+            },
         }
     }
 
@@ -622,6 +632,11 @@ pub fn run_all(cfg: &Config) -> PathBuf {
     } else {
         Vec::new()
     };
+    let ports = if cfg.wants("ports") {
+        ports::run(cfg, &raw)
+    } else {
+        PortsResult::default()
+    };
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
     let rep = report::Report {
@@ -629,6 +644,7 @@ pub fn run_all(cfg: &Config) -> PathBuf {
         stamp: &stamp,
         samples: &samples,
         idle: &idle,
+        ports: &ports,
         load_before: load_before.trim(),
         load_after: load_after.trim(),
         elapsed: started.elapsed(),
@@ -648,6 +664,9 @@ pub fn run_all(cfg: &Config) -> PathBuf {
         );
     }
     std::fs::write(dir.join("samples.csv"), csv).unwrap();
+    if !ports.samples.is_empty() {
+        std::fs::write(dir.join("ports.csv"), ports::csv(&ports)).unwrap();
+    }
     eprintln!("report: {}", dir.join("report.md").display());
     dir
 }

@@ -4,6 +4,7 @@
 use std::fmt::Write;
 use std::time::Duration;
 
+use super::ports::{Mode, PortsResult, BURSTS, FRAME, MAX_PORTS_PER_TESTPMD, RING};
 use super::{Config, Side};
 
 #[derive(Clone, Debug)]
@@ -84,6 +85,8 @@ pub struct Report<'a> {
     pub samples: &'a [Sample],
     /// (mode, CPU seconds used, wall seconds).
     pub idle: &'a [(String, f64, f64)],
+    /// The `ports` scenario (empty when not run).
+    pub ports: &'a PortsResult,
     pub load_before: &'a str,
     pub load_after: &'a str,
     pub elapsed: Duration,
@@ -129,18 +132,19 @@ impl Report<'_> {
             self.load_before,
             self.load_after
         );
-        let _ = writeln!(
-            m,
-            "Guest: `dpdk-testpmd` with `net_virtio_user` (queue size 1024), forwarding \
+        if !self.samples.is_empty() {
+            let _ = writeln!(
+                m,
+                "Guest: `dpdk-testpmd` with `net_virtio_user` (queue size 1024), forwarding \
              on core 1. Back end on core 0: vfrelay `--poll` (pinned), or DPDK testpmd \
              `net_vhost` (one forwarding lcore). Frame sizes include the 4-byte FCS \
              (testpmd `set txpkts` = size - 4). Rates in Mpps, median of the \
              repetitions (all samples listed); the best-of ratio is context for a \
              machine shared with other work, the median ratio is the result.\n"
-        );
-        let _ = writeln!(
-            m,
-            "- loopback: guest `set fwd mac`, `start tx_first 32`; vfrelay `loopback` vs \
+            );
+            let _ = writeln!(
+                m,
+                "- loopback: guest `set fwd mac`, `start tx_first 32`; vfrelay `loopback` vs \
              DPDK `set fwd mac`; rate = frames back at the guest.\n\
              - af-xdp: vfrelay `af-xdp,mode=copy` on a veth whose peer is in a namespace \
              vs DPDK `net_vhost` <-> `net_af_xdp` (`set fwd io`) on the same kind of veth. \
@@ -149,26 +153,27 @@ impl Report<'_> {
              guest), guest `rxonly`, rate = guest RX.\n\
              - tap: the same through vfrelay `tap` vs DPDK `net_tap`, the tap inside the \
              namespace.\n"
-        );
-        let _ = writeln!(
+            );
+            let _ = writeln!(
             m,
             "| scenario | queue pairs | frame (B) | vfrelay Mpps | DPDK Mpps | vfrelay / DPDK | best vfrelay / best DPDK | vfrelay samples | DPDK samples |"
         );
-        let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|");
-        for p in points(self.samples) {
-            let _ = writeln!(
-                m,
-                "| {} | {} | {} | {:.3} | {:.3} | {:.2} | {:.2} | {} | {} |",
-                p.scenario,
-                p.queues,
-                p.size,
-                median(&p.vfrelay),
-                median(&p.dpdk),
-                p.ratio(),
-                best(&p.vfrelay) / best(&p.dpdk),
-                list(&p.vfrelay),
-                list(&p.dpdk)
-            );
+            let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|");
+            for p in points(self.samples) {
+                let _ = writeln!(
+                    m,
+                    "| {} | {} | {} | {:.3} | {:.3} | {:.2} | {:.2} | {} | {} |",
+                    p.scenario,
+                    p.queues,
+                    p.size,
+                    median(&p.vfrelay),
+                    median(&p.dpdk),
+                    p.ratio(),
+                    best(&p.vfrelay) / best(&p.dpdk),
+                    list(&p.vfrelay),
+                    list(&p.dpdk)
+                );
+            }
         }
         if !self.idle.is_empty() {
             let _ = writeln!(
@@ -190,6 +195,9 @@ impl Report<'_> {
                 );
             }
         }
+        if !self.ports.samples.is_empty() {
+            m += &ports_markdown(self.ports);
+        }
         let _ = writeln!(
             m,
             "\nPlot: `plot.svg`; every sample: `samples.csv`; raw testpmd/vfrelay output: \
@@ -198,4 +206,131 @@ impl Report<'_> {
         );
         m
     }
+}
+
+/// `median (min..max)` of `v`, or a dash.
+fn spread(v: &[f64]) -> String {
+    if v.is_empty() {
+        return "-".into();
+    }
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{:.3} ({lo:.2}..{hi:.2})", median(v))
+}
+
+/// The `ports` section: a row per N, the idle daemon, RSS per port.
+pub fn ports_markdown(res: &PortsResult) -> String {
+    let mut m = String::new();
+    let _ = writeln!(
+        m,
+        "\n## ports: N loopback ports on one worker core\n\n\
+         Front end: testpmd with N `net_virtio_user` ports (1 queue pair, ring {RING}), \
+         `--port-topology=loop`, `set fwd mac`, `start tx_first {BURSTS}` on every port, \
+         {FRAME} B frames, forwarding on core 1. Back end on core 0: the vfrelay daemon \
+         `--workers 0 --poll` (pinned) with N `loopback` ports, or testpmd with N \
+         `net_vhost` ports (`set fwd mac`, one forwarding lcore); \"event\" is the daemon \
+         without `--poll` (DPDK has no event mode). Rate = frames back at the front \
+         end(s), all ports summed; median (min..max) of the repetitions, the order of \
+         the three back ends rotating each repetition.\n\n\
+         DPDK here is built with RTE_MAX_ETHPORTS={MAX_PORTS_PER_TESTPMD}: above \
+         {MAX_PORTS_PER_TESTPMD} ports the ports are split evenly over several \
+         testpmd front ends sharing core 1, and DPDK's back end over as many testpmd \
+         processes sharing core 0 (time-sliced by the scheduler), so those rows are \
+         not one-lcore DPDK against one worker.\n"
+    );
+    let _ = writeln!(
+        m,
+        "| ports | front ends | vfrelay --poll Mpps | DPDK Mpps | vfrelay / DPDK (medians) | vfrelay event Mpps | vfrelay --poll samples | DPDK samples | event samples | notes |"
+    );
+    let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|---|");
+    let mut ns: Vec<usize> = Vec::new();
+    for s in &res.samples {
+        if !ns.contains(&s.ports) {
+            ns.push(s.ports);
+        }
+    }
+    for n in ns {
+        let mine: Vec<_> = res.samples.iter().filter(|s| s.ports == n).collect();
+        let of = |mode: Mode| -> Vec<f64> {
+            mine.iter()
+                .filter(|s| s.mode == mode)
+                .map(|s| s.mpps)
+                .collect()
+        };
+        let (p, d, e) = (of(Mode::Poll), of(Mode::Dpdk), of(Mode::Event));
+        let mut notes = Vec::new();
+        for s in &mine {
+            if s.silent > 0 {
+                notes.push(format!(
+                    "{} rep {}: {} port(s) carried nothing",
+                    s.mode.name(),
+                    s.rep,
+                    s.silent
+                ));
+            }
+            if let Some(c) = s.connected.filter(|&c| c < n) {
+                notes.push(format!(
+                    "{} rep {}: {c} of {n} connected",
+                    s.mode.name(),
+                    s.rep
+                ));
+            }
+        }
+        let rss: Vec<u64> = mine.iter().filter_map(|s| s.rss_kb).collect();
+        if let (Some(lo), Some(hi)) = (rss.iter().min(), rss.iter().max()) {
+            notes.push(format!("daemon VmRSS after traffic {lo}..{hi} kB"));
+        }
+        let _ = writeln!(
+            m,
+            "| {n} | {} | {} | {} | {:.2} | {} | {} | {} | {} | {} |",
+            mine.first().map_or(0, |s| s.frontends),
+            spread(&p),
+            spread(&d),
+            median(&p) / median(&d),
+            spread(&e),
+            list(&p),
+            list(&d),
+            list(&e),
+            notes.join("; ")
+        );
+    }
+    if let Some(i) = &res.idle {
+        let _ = writeln!(
+            m,
+            "\nIdle: the daemon in event mode with {} loopback ports, {} connected \
+             ({} testpmd front end(s) with their ports started, not forwarding); \
+             utime+stime from /proc/PID/stat over {:.1} s: {:.2} CPU s, \
+             **{:.2} % of one core**.",
+            i.ports,
+            i.connected,
+            i.frontends,
+            i.wall,
+            i.cpu,
+            100.0 * i.cpu / i.wall
+        );
+    }
+    if let Some(base) = res.rss.iter().find(|r| r.ports == 0) {
+        let _ = writeln!(
+            m,
+            "\nMemory of that daemon, /proc/PID/status:\n\n\
+             | daemon | ports | VmRSS kB | RssAnon kB | VmRSS per port over none, kB |\n\
+             |---|---|---|---|---|"
+        );
+        for r in &res.rss {
+            let per = if r.ports > 0 {
+                format!(
+                    "{:.1}",
+                    (r.vm_rss_kb as f64 - base.vm_rss_kb as f64) / r.ports as f64
+                )
+            } else {
+                "-".into()
+            };
+            let _ = writeln!(
+                m,
+                "| {} | {} | {} | {} | {per} |",
+                r.what, r.ports, r.vm_rss_kb, r.rss_anon_kb
+            );
+        }
+    }
+    m
 }

@@ -213,6 +213,28 @@ pub fn vhost_eal(sock: &std::path::Path, queues: usize, extra: &[String]) -> Vec
     v
 }
 
+/// EAL arguments of DPDK's `net_vhost` back end with one port per socket of
+/// `socks` (server on `socks[i]`, one queue pair each), lcores as in
+/// [`vhost_eal`] (forwarding lcore 0).
+pub fn vhost_eal_ports(socks: &[std::path::PathBuf]) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "--no-pci".into(),
+        "--in-memory".into(),
+        "--no-telemetry".into(),
+        "--main-lcore".into(),
+        "1".into(),
+        "-l".into(),
+        "0,1".into(),
+    ];
+    v.extend(
+        socks
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("--vdev=net_vhost{i},iface={},queues=1", s.display())),
+    );
+    v
+}
+
 /// Application arguments: `queues` queue pairs, one forwarding core.
 pub fn app_args(queues: usize) -> Vec<String> {
     vec![
