@@ -161,9 +161,11 @@ fn prefetch_write(p: *const u8) {
 
 /// How far ahead [`SplitRing::prefetch`] looks: far enough that a line
 /// (~100 ns from the other core) arrives while the chains in between are
-/// handled, near enough that it is still cached when used.
-const DESC_AHEAD: u16 = 4;
-const BUF_AHEAD: u16 = 2;
+/// handled, near enough that it is still cached when used. Measured
+/// (loopback 64 B, A/B beside DPDK): buffers 2 ahead 15.1 Mpps, 3: 17.0,
+/// 4 (descriptors 6): 17.3, 6 (8): 17.7, 8 (12): 17.6.
+const DESC_AHEAD: u16 = 8;
+const BUF_AHEAD: u16 = 6;
 
 /// Byte spans (first, last, inclusive) of the used entries `next .. next +
 /// n` relative to the used ring: one span, and a second one from the ring's
@@ -240,7 +242,15 @@ impl SplitRing {
         }
         let desc = mem.translate(a.desc, 16 * n).ok_or(bad.clone())?;
         let avail = mem.translate(a.avail, 6 + 2 * n).ok_or(bad.clone())?;
-        let used = mem.translate(a.used, 6 + 8 * n).ok_or(bad)?;
+        let used = mem.translate(a.used, 6 + 8 * n).ok_or(bad.clone())?;
+        // The indices are read as atomics through these pointers: a region
+        // mapped at an odd host offset must not make them misaligned.
+        if !(desc as usize).is_multiple_of(16)
+            || !(avail as usize).is_multiple_of(2)
+            || !(used as usize).is_multiple_of(4)
+        {
+            return Err(bad);
+        }
         Ok(SplitRing {
             addrs: a,
             desc,
@@ -518,10 +528,20 @@ impl SplitRing {
                 // hint would cost more than most misses it could hide.
                 if d.flags & VRING_DESC_F_INDIRECT == 0 {
                     if let Some(p) = self.hot.translate(d.addr, 1) {
+                        // A small frame plus its header spans two lines
+                        // when the buffer does not start a line.
+                        let second = (p as usize | 63) + 1;
+                        let two = (second - p as usize) < (d.len as usize).min(128);
                         if write {
                             prefetch_write(p);
+                            if two {
+                                prefetch_write(second as *const u8);
+                            }
                         } else {
                             prefetch_read(p);
+                            if two {
+                                prefetch_read(second as *const u8);
+                            }
                         }
                     }
                 }
