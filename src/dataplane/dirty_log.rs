@@ -42,6 +42,8 @@ impl DirtyLog {
                 format!("log size {size} out of range"),
             ));
         }
+        super::mem::fd_covers(fd, offset, size)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
         let delta = offset % page;

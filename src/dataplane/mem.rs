@@ -39,6 +39,34 @@ impl Region {
     }
 }
 
+/// Whether `fd` has `size` bytes from `offset`: a shared mapping past the
+/// end of its file raises SIGBUS on first touch, which would kill every
+/// port, so a front end's fd is checked before it is mapped. (A front end
+/// that shrinks the file afterwards can still do that: DPDK and QEMU's
+/// vhost-user back ends trust it the same way.)
+pub fn fd_covers(fd: std::os::fd::BorrowedFd<'_>, offset: u64, size: u64) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an all-zero struct stat is a valid value; fstat writes one
+    // struct stat into it and reads nothing else.
+    let (rc, st) = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        (libc::fstat(fd.as_raw_fd(), &mut st), st)
+    };
+    if rc != 0 {
+        return Err(format!("fstat: {}", std::io::Error::last_os_error()));
+    }
+    let end = offset
+        .checked_add(size)
+        .ok_or_else(|| format!("{offset:#x}+{size:#x} overflows"))?;
+    if st.st_mode & libc::S_IFMT == libc::S_IFREG && end > st.st_size as u64 {
+        return Err(format!(
+            "{offset:#x}+{size:#x} goes past the end of the {}-byte file",
+            st.st_size
+        ));
+    }
+    Ok(())
+}
+
 /// Keeps whatever owns the mappings alive while a view exists.
 type Owner = Arc<dyn Send + Sync>;
 

@@ -272,7 +272,9 @@ impl QueuePair {
     /// seconds or minutes late. Counted as rx_dropped.
     pub fn discard_backend_rx(&mut self) -> u64 {
         let mut n = 0u64;
-        loop {
+        // Bounded: a backend that receives as fast as we drain must not
+        // hold the worker (and the control thread waiting for it).
+        for _ in 0..64 {
             match self.backend.rx_burst(BURST, &mut |_| true) {
                 Ok(0) | Err(_) => break,
                 Ok(k) => n += k as u64,

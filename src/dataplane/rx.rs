@@ -72,6 +72,17 @@ fn byte_at(iov: &[libc::iovec], mut off: usize) -> Option<*mut u8> {
     None
 }
 
+/// Guest address of byte `off` of a chain (for dirty logging).
+fn gpa_at(chain: &Chain, mut off: usize) -> Option<u64> {
+    for (v, gpa) in chain.iov.iter().zip(&chain.gpa) {
+        if off < v.iov_len {
+            return Some(gpa + off as u64);
+        }
+        off -= v.iov_len;
+    }
+    None
+}
+
 /// Mark the first `written` bytes of a chain dirty.
 fn log_written(chain: &Chain, mut written: usize, log: &DirtyLog, cache: &mut LogCache) {
     for (v, gpa) in chain.iov.iter().zip(&chain.gpa) {
@@ -207,6 +218,7 @@ fn deliver(
     // copy of the first chain's iovecs: that array had to be cleared for
     // every frame.
     let mut num_buffers_at: [Option<*mut u8>; 2] = [None; 2];
+    let mut num_buffers_gpa: [Option<u64>; 2] = [None; 2];
     let mut used = 0u16;
     let mut header_left: &[u8] = &h[..hdr_len];
     let mut data = payload;
@@ -257,6 +269,7 @@ fn deliver(
         }
         if used == 0 && hdr_len == VNET_HDR_LEN {
             num_buffers_at = [byte_at(&chain.iov, 10), byte_at(&chain.iov, 11)];
+            num_buffers_gpa = [gpa_at(chain, 10), gpa_at(chain, 11)];
         }
         if written == 0 {
             // A zero-length buffer makes no progress: refuse it rather than
@@ -275,6 +288,14 @@ fn deliver(
                 // SAFETY: inside the first chain's buffers (byte_at), which
                 // the guest cannot take back before the used index moves.
                 unsafe { p.write(b) };
+            }
+        }
+        // Marked again after the patch: the cache may have flushed the
+        // first buffer's marks mid-burst, and a log sync in between would
+        // have sent the page with num_buffers still 1.
+        if let Some((l, cache)) = log.as_mut() {
+            for gpa in num_buffers_gpa.into_iter().flatten() {
+                cache.mark(l, gpa, 1);
             }
         }
     }

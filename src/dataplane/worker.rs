@@ -321,7 +321,8 @@ impl Worker {
             let moved = if self.poll && self.any_active {
                 self.poll_round()
             } else {
-                let any_ready = self.entries.iter().any(|e| e.ready);
+                // `ready` means work only to an event-mode worker.
+                let any_ready = !self.poll && self.entries.iter().any(|e| e.ready);
                 let timeout = if any_ready { 0 } else { 1000 };
                 let n = match self.epoll.wait(timeout, &mut events) {
                     Ok(n) => n,

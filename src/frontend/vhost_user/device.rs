@@ -8,7 +8,7 @@
 //! on is answered, no burst can still run under the old settings.
 
 use std::fs::File;
-use std::os::fd::{AsFd, FromRawFd, IntoRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::Arc;
 
 use log::{debug, info, warn};
@@ -63,6 +63,7 @@ fn close<T>(msg: impl Into<String>) -> Result<T, Failure> {
 }
 
 /// A mapped memory table entry.
+#[derive(Clone)]
 struct MemRegion {
     gpa: u64,
     size: u64,
@@ -195,7 +196,6 @@ impl Device {
         self.regions.clear();
         self.mem = Arc::new(MemView::empty());
         self.log = None;
-        self.vrings.fill(VringCfg::default());
     }
 
     /// Handle one request: Ok(Some(payload)) for a request with a defined
@@ -340,11 +340,28 @@ impl Device {
     fn vring_fd(&self, mut r: Request) -> Result<(usize, Option<EventFd>), Failure> {
         let v = body::<VhostUserU64>(&r)?.value;
         let vring = self.vring_index((v & 0xff) as u32)?;
-        let fd = r.files.pop().map(|f| {
-            // SAFETY: the File owned this fd; ownership moves to the EventFd.
-            unsafe { EventFd::from_raw_fd(f.into_raw_fd()) }
-        });
-        Ok((vring, fd))
+        let Some(f) = r.files.pop() else {
+            return Ok((vring, None));
+        };
+        // The worker reads kicks and writes interrupts on these: a blocking
+        // fd (or a full pipe) must never hold it, and every port with it.
+        // SAFETY: fcntl on an fd this File owns.
+        let ok = unsafe {
+            let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+            fl >= 0 && libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK) == 0
+        };
+        if !ok {
+            return close(format!(
+                "{:?} fd: {}",
+                r.req,
+                std::io::Error::last_os_error()
+            ));
+        }
+        // SAFETY: the File owned this fd; ownership moves to the EventFd.
+        Ok((
+            vring,
+            Some(unsafe { EventFd::from_raw_fd(f.into_raw_fd()) }),
+        ))
     }
 
     /// A guest may use fewer queue pairs than the port has (Linux enables
@@ -434,6 +451,18 @@ impl Device {
             let log = log.clone();
             let en = (self.vrings[2 * i].enabled, self.vrings[2 * i + 1].enabled);
             let event_idx = features & net::F_EVENT_IDX != 0;
+            // Running rings re-translated against this memory table in the
+            // same step: the same front-end addresses may now mean other
+            // guest memory, and no burst may see the new view with the old
+            // addresses.
+            let addrs = [2 * i, 2 * i + 1].map(|v| {
+                if !self.vrings[v].started {
+                    return None;
+                }
+                self.ring_addrs(v)
+                    .inspect_err(|e| warn!("{}: {e}", self.name))
+                    .ok()
+            });
             q.apply(move |s| {
                 s.qp.sync_features(features);
                 s.mem = mem;
@@ -442,6 +471,12 @@ impl Device {
                 s.tx.enabled = en.1;
                 s.rx.event_idx = event_idx;
                 s.tx.event_idx = event_idx;
+                if let Some(a) = addrs[0] {
+                    s.rx.addrs = Some(a);
+                }
+                if let Some(a) = addrs[1] {
+                    s.tx.addrs = Some(a);
+                }
             });
         }
     }
@@ -459,7 +494,6 @@ impl Device {
         }
         self.acked = 0;
         self.log = None;
-        self.vrings.fill(VringCfg::default());
     }
 
     /// Front-end address of a ring part to guest-physical.
@@ -475,7 +509,12 @@ impl Device {
         let Some((desc, used, avail)) = c.va else {
             return Err(format!("vring {v} started without addresses"));
         };
-        let n = c.size.max(1) as u64;
+        let size = if c.size == 0 {
+            self.cfg.queue_size
+        } else {
+            c.size
+        };
+        let n = size as u64;
         let t = |va: u64, len: u64, what: &str| {
             self.va_to_gpa(va, len)
                 .ok_or_else(|| format!("vring {v}: {what} at {va:#x} is outside the memory table"))
@@ -484,15 +523,17 @@ impl Device {
             desc: t(desc, 16 * n, "descriptor table")?,
             avail: t(avail, 6 + 2 * n, "avail ring")?,
             used: t(used, 6 + 8 * n, "used ring")?,
-            size: if c.size == 0 {
-                self.cfg.queue_size
-            } else {
-                c.size
-            },
+            size,
         })
     }
 
     fn start_ring(&mut self, v: usize, kick: Option<EventFd>) -> Result<(), Failure> {
+        if self.vrings[v].started {
+            // A new kick fd for a running ring: its indices stay where the
+            // worker has them (resetting them would hand chains back twice).
+            self.qp_of(v).apply(move |s| s.vring_mut(v).kick = kick);
+            return Ok(());
+        }
         let addrs = match self.ring_addrs(v) {
             Ok(a) => a,
             Err(e) => return refused(e),
@@ -546,6 +587,7 @@ impl Device {
     fn set_vring_addr(&mut self, r: &Request) -> Result<(), Failure> {
         let a = body::<VhostUserVringAddr>(r)?;
         let v = self.vring_index(a.index)?;
+        let before = self.vrings[v];
         let c = &mut self.vrings[v];
         c.va = Some((a.descriptor, a.used, a.available));
         c.log_addr = (a.flags & VRING_F_LOG != 0).then_some(a.log);
@@ -558,7 +600,10 @@ impl Device {
         let log_addr = c.log_addr;
         let addrs = match self.ring_addrs(v) {
             Ok(a) => a,
-            Err(e) => return refused(e),
+            Err(e) => {
+                self.vrings[v] = before;
+                return refused(e);
+            }
         };
         self.qp_of(v).apply(move |s| {
             let r = s.vring_mut(v);
@@ -572,6 +617,14 @@ impl Device {
         if !d.is_valid() {
             return close(format!(
                 "memory region {:#x}+{:#x}: invalid",
+                { d.guest_phys_addr },
+                { d.memory_size }
+            ));
+        }
+        if let Err(e) = crate::dataplane::mem::fd_covers(file.as_fd(), d.mmap_offset, d.memory_size)
+        {
+            return close(format!(
+                "memory region {:#x}+{:#x}: {e}",
                 { d.guest_phys_addr },
                 { d.memory_size }
             ));
@@ -624,18 +677,16 @@ impl Device {
             .pop()
             .expect("fd count checked by the protocol table");
         let new = self.map_region(&d, file)?;
-        let mut regions = std::mem::take(&mut self.regions);
+        let mut regions = self.regions.clone();
         regions.push(new);
         self.install_regions(regions)
     }
 
     fn rem_mem_reg(&mut self, r: &Request) -> Result<(), Failure> {
         let d = body::<VhostUserSingleMemoryRegion>(r)?;
-        let before = self.regions.len();
-        let mut regions = std::mem::take(&mut self.regions);
+        let mut regions = self.regions.clone();
         regions.retain(|m| !(m.gpa == d.guest_phys_addr && m.size == d.memory_size));
-        if regions.len() == before {
-            self.regions = regions;
+        if regions.len() == self.regions.len() {
             return refused(format!(
                 "REM_MEM_REG {:#x}+{:#x}: no such region",
                 { d.guest_phys_addr },
@@ -665,18 +716,6 @@ impl Device {
         self.regions = regions;
         self.mem = view;
         self.sync_all();
-        for v in 0..self.vrings.len() {
-            if !self.vrings[v].started {
-                continue;
-            }
-            match self.ring_addrs(v) {
-                Ok(addrs) => {
-                    self.qp_of(v)
-                        .apply(move |s| s.vring_mut(v).addrs = Some(addrs));
-                }
-                Err(e) => warn!("{}: {e}", self.name),
-            }
-        }
         Ok(())
     }
 
@@ -902,5 +941,57 @@ mod tests {
         d.end_connection();
         assert!(extra(&d, 0).is_empty());
         assert_eq!(describe(&d, 1), own);
+    }
+
+    fn add_region(d: &mut Device, gpa: u64, size: u64, file_size: u64) -> Result<(), Failure> {
+        let r = VhostUserSingleMemoryRegion::new(gpa, size, 0x7f00_0000_0000 + gpa, 0);
+        let f = File::from(memfd(file_size));
+        d.handle(req(FrontendReq::ADD_MEM_REG, r.as_slice(), vec![f]))
+            .map(|_| ())
+    }
+
+    #[test]
+    fn memory_regions_are_checked_and_a_refused_one_changes_nothing() {
+        let mut d = device(1);
+        add_region(&mut d, 0, 0x10000, 0x10000).unwrap();
+        // Overlapping: refused, the table stays as it was.
+        assert!(matches!(
+            add_region(&mut d, 0x8000, 0x10000, 0x10000),
+            Err(Failure::Refused(_))
+        ));
+        assert_eq!(d.regions.len(), 1);
+        assert!(d.mem.translate(0x100, 1).is_some());
+        // Larger than its file: touching it would be SIGBUS, so refused.
+        assert!(matches!(
+            add_region(&mut d, 0x100000, 0x20000, 0x1000),
+            Err(Failure::Close(_))
+        ));
+        assert_eq!(d.regions.len(), 1);
+        // A dirty log larger than its fd likewise.
+        let l = VhostUserLog::new(1 << 20, 0);
+        let f = File::from(memfd(4096));
+        assert!(d
+            .handle(req(FrontendReq::SET_LOG_BASE, l.as_slice(), vec![f]))
+            .is_err());
+    }
+
+    #[test]
+    fn vring_fds_are_made_non_blocking() {
+        let mut d = device(1);
+        // SAFETY: a plain eventfd, blocking, owned right away.
+        let fd = unsafe { libc::eventfd(0, 0) };
+        assert!(fd >= 0);
+        // SAFETY: fd is a fresh descriptor nothing else owns.
+        let f = unsafe { File::from_raw_fd(fd) };
+        let probe = f.try_clone().unwrap();
+        d.handle(req(
+            FrontendReq::SET_VRING_CALL,
+            &0u64.to_ne_bytes(),
+            vec![f],
+        ))
+        .unwrap();
+        // SAFETY: F_GETFL on an fd we own.
+        let fl = unsafe { libc::fcntl(probe.as_raw_fd(), libc::F_GETFL) };
+        assert!(fl & libc::O_NONBLOCK != 0);
     }
 }

@@ -23,7 +23,7 @@ use device::{Device, Failure};
 use protocol::WireError;
 
 /// How long a front end may take to send the rest of a message it began.
-const MSG_TIMEOUT: Duration = Duration::from_secs(1);
+const MSG_TIMEOUT: Duration = protocol::MSG_TIMEOUT;
 /// Client mode: how often to try reaching a front end that is not there.
 const RECONNECT: Duration = Duration::from_millis(500);
 
@@ -112,7 +112,9 @@ impl Port {
     }
 
     fn attach(&mut self, s: UnixStream) {
-        if let Err(e) = s.set_read_timeout(Some(MSG_TIMEOUT)) {
+        // A front end that stops reading our replies ends its connection,
+        // not the control thread (reads get a per-message deadline).
+        if let Err(e) = s.set_write_timeout(Some(MSG_TIMEOUT)) {
             warn!("{}: {e}", self.name);
         }
         self.dev.begin_connection();

@@ -9,6 +9,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserHeaderFlag, VhostUserMsgValidator, MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE,
@@ -168,26 +169,38 @@ pub fn recv(sock: &UnixStream) -> Result<Request, WireError> {
     })
 }
 
+/// The whole of a message must arrive within this, however it trickles in:
+/// the control thread serves every port.
+pub const MSG_TIMEOUT: Duration = Duration::from_secs(1);
+
 fn read_exact(sock: &UnixStream, buf: &mut [u8]) -> Result<(), WireError> {
     use std::io::Read;
+    let deadline = Instant::now() + MSG_TIMEOUT;
+    let stalled = || WireError::Bad("front end stopped in the middle of a message".into());
     let mut s = sock;
-    match s.read_exact(buf) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-            Err(WireError::Bad("connection closed inside a message".into()))
+    let mut got = 0;
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(stalled());
         }
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
-        {
-            Err(WireError::Bad(
-                "front end stopped in the middle of a message".into(),
-            ))
+        sock.set_read_timeout(Some(left))?;
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Err(WireError::Bad("connection closed inside a message".into())),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(stalled())
+            }
+            Err(e) => return Err(e.into()),
         }
-        Err(e) => Err(e.into()),
     }
+    Ok(())
 }
 
 /// A body of type `T`, or an error naming the request.
