@@ -199,33 +199,36 @@ pub fn virtio_user_eal_ports(
 /// `sock`) plus `extra` vdevs: forwarding lcore 0, so that with a virtio-user
 /// peer (forwarding on lcore 1) the two busy-pollers use both cores.
 pub fn vhost_eal(sock: &std::path::Path, queues: usize, extra: &[String]) -> Vec<String> {
-    let mut v: Vec<String> = vec![
-        "--no-pci".into(),
-        "--in-memory".into(),
-        "--no-telemetry".into(),
-        "--main-lcore".into(),
-        "1".into(),
-        "-l".into(),
-        "0,1".into(),
-        format!("--vdev=net_vhost0,iface={},queues={queues}", sock.display()),
-    ];
+    let mut v = vhost_eal_base();
+    v.push(format!(
+        "--vdev=net_vhost0,iface={},queues={queues}",
+        sock.display()
+    ));
     v.extend_from_slice(extra);
     v
+}
+
+/// What every `net_vhost` back end here starts with: no PCI, no files,
+/// forwarding lcore 0, main lcore 1.
+fn vhost_eal_base() -> Vec<String> {
+    [
+        "--no-pci",
+        "--in-memory",
+        "--no-telemetry",
+        "--main-lcore",
+        "1",
+        "-l",
+        "0,1",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// EAL arguments of DPDK's `net_vhost` back end with one port per socket of
 /// `socks` (server on `socks[i]`, one queue pair each), lcores as in
 /// [`vhost_eal`] (forwarding lcore 0).
 pub fn vhost_eal_ports(socks: &[std::path::PathBuf]) -> Vec<String> {
-    let mut v: Vec<String> = vec![
-        "--no-pci".into(),
-        "--in-memory".into(),
-        "--no-telemetry".into(),
-        "--main-lcore".into(),
-        "1".into(),
-        "-l".into(),
-        "0,1".into(),
-    ];
+    let mut v = vhost_eal_base();
     v.extend(
         socks
             .iter()
