@@ -117,12 +117,16 @@ enum PortCmd {
         control: ControlArg,
     },
     /// List the ports.
-    List {
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        control: ControlArg,
-    },
+    List(ListArgs),
+}
+
+/// A listing: a table, or with `--json` one JSON document.
+#[derive(Args, Debug)]
+struct ListArgs {
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    control: ControlArg,
 }
 
 #[derive(Args, Debug)]
@@ -163,10 +167,8 @@ struct PortAddArgs {
 struct StatsArgs {
     /// One port (default: all).
     name: Option<String>,
-    #[arg(long)]
-    json: bool,
     #[command(flatten)]
-    control: ControlArg,
+    list: ListArgs,
 }
 
 #[derive(Args, Debug)]
@@ -178,12 +180,7 @@ struct WorkerArgs {
 #[derive(Subcommand, Debug)]
 enum WorkerCmd {
     /// List the workers, their CPUs, load and queue pairs.
-    List {
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        control: ControlArg,
-    },
+    List(ListArgs),
 }
 
 #[derive(Args, Debug)]
@@ -405,8 +402,22 @@ fn client(control: &ControlArg, method: &str, params: Value) -> Result<Value, rp
     )
 }
 
-fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+impl ListArgs {
+    /// Ask the daemon, print its answer as `table` or as JSON.
+    fn show(
+        &self,
+        method: &str,
+        params: Value,
+        table: fn(&Value),
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let v = client(&self.control, method, params)?;
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        } else {
+            table(&v);
+        }
+        Ok(())
+    }
 }
 
 fn s(v: &Value) -> String {
@@ -531,40 +542,18 @@ fn run(cmd: Command) -> Result<(), Box<dyn std::error::Error>> {
                 println!("port {name} deleted");
                 Ok(())
             }
-            PortCmd::List { json, control } => {
-                let v = client(&control, "port_list", json!({}))?;
-                if json {
-                    print_json(&v);
-                } else {
-                    print_ports(&v);
-                }
-                Ok(())
-            }
+            PortCmd::List(a) => a.show("port_list", json!({}), print_ports),
         },
         Command::Stats(a) => {
             let params = match &a.name {
                 Some(n) => json!({ "name": n }),
                 None => json!({}),
             };
-            let v = client(&a.control, "stats", params)?;
-            if a.json {
-                print_json(&v);
-            } else {
-                print_stats(&v);
-            }
-            Ok(())
+            a.list.show("stats", params, print_stats)
         }
         Command::Worker(WorkerArgs {
-            cmd: WorkerCmd::List { json, control },
-        }) => {
-            let v = client(&control, "worker_list", json!({}))?;
-            if json {
-                print_json(&v);
-            } else {
-                print_workers(&v);
-            }
-            Ok(())
-        }
+            cmd: WorkerCmd::List(a),
+        }) => a.show("worker_list", json!({}), print_workers),
         Command::VhostUser(a) => run_one_port(a.spec(), a.dev.poll),
         Command::Vduse(a) => run_one_port(a.spec(), a.dev.poll),
         Command::Vf(a) => vf_cmd::run(a),

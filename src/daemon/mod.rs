@@ -219,7 +219,7 @@ impl Daemon {
                 if let Some(i) = self.ports.iter().position(|p| p.id == id) {
                     self.with_front(i, |f| {
                         if let Front::VhostUser(v) = f {
-                            v.ready(0)
+                            v.ready()
                         }
                     });
                 }
@@ -284,8 +284,9 @@ impl Daemon {
                 .any(|p| matches!(&p.spec.kind, Kind::VhostUser { path: q, .. } if q == path))
             {
                 return Err(RpcError::failed(format!(
-                    "socket {}: a vfrelay or other server is already listening there",
-                    path.display()
+                    "socket {}: {}",
+                    path.display(),
+                    vhost_user::IN_USE
                 )));
             }
         }

@@ -59,24 +59,14 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Host address of byte `off` of the bytes an iovec list covers.
-fn byte_at(iov: &[libc::iovec], mut off: usize) -> Option<*mut u8> {
-    for v in iov {
+/// Host and guest address of byte `off` of a chain.
+fn byte_at(chain: &Chain, mut off: usize) -> Option<(*mut u8, u64)> {
+    for (v, gpa) in chain.iov.iter().zip(&chain.gpa) {
         if off < v.iov_len {
             // SAFETY: off < iov_len, inside a segment checked against guest
             // memory when the chain was popped.
-            return Some(unsafe { (v.iov_base as *mut u8).add(off) });
-        }
-        off -= v.iov_len;
-    }
-    None
-}
-
-/// Guest address of byte `off` of a chain (for dirty logging).
-fn gpa_at(chain: &Chain, mut off: usize) -> Option<u64> {
-    for (v, gpa) in chain.iov.iter().zip(&chain.gpa) {
-        if off < v.iov_len {
-            return Some(gpa + off as u64);
+            let host = unsafe { (v.iov_base as *mut u8).add(off) };
+            return Some((host, gpa + off as u64));
         }
         off -= v.iov_len;
     }
@@ -217,8 +207,7 @@ fn deliver(
     // address is noted while the first chain is at hand. Two pointers, not a
     // copy of the first chain's iovecs: that array had to be cleared for
     // every frame.
-    let mut num_buffers_at: [Option<*mut u8>; 2] = [None; 2];
-    let mut num_buffers_gpa: [Option<u64>; 2] = [None; 2];
+    let mut num_buffers_at: [Option<(*mut u8, u64)>; 2] = [None; 2];
     let mut used = 0u16;
     let mut header_left: &[u8] = &h[..hdr_len];
     let mut data = payload;
@@ -268,8 +257,7 @@ fn deliver(
             log_written(chain, written, l, cache);
         }
         if used == 0 && hdr_len == VNET_HDR_LEN {
-            num_buffers_at = [byte_at(&chain.iov, 10), byte_at(&chain.iov, 11)];
-            num_buffers_gpa = [gpa_at(chain, 10), gpa_at(chain, 11)];
+            num_buffers_at = [byte_at(chain, 10), byte_at(chain, 11)];
         }
         if written == 0 {
             // A zero-length buffer makes no progress: refuse it rather than
@@ -284,7 +272,7 @@ fn deliver(
     }
     if used > 1 {
         for (at, b) in num_buffers_at.into_iter().zip(used.to_le_bytes()) {
-            if let Some(p) = at {
+            if let Some((p, _)) = at {
                 // SAFETY: inside the first chain's buffers (byte_at), which
                 // the guest cannot take back before the used index moves.
                 unsafe { p.write(b) };
@@ -294,7 +282,7 @@ fn deliver(
         // first buffer's marks mid-burst, and a log sync in between would
         // have sent the page with num_buffers still 1.
         if let Some((l, cache)) = log.as_mut() {
-            for gpa in num_buffers_gpa.into_iter().flatten() {
+            for (_, gpa) in num_buffers_at.into_iter().flatten() {
                 cache.mark(l, gpa, 1);
             }
         }

@@ -267,8 +267,8 @@ fn pin_to(cpu: usize) {
 struct Entry {
     slot: Box<Slot>,
     uid: u64,
-    /// Fds this entry has in the epoll (event mode), in token order.
-    registered: Vec<(RawFd, u64)>,
+    /// Fds this entry has in the epoll (event mode).
+    registered: Vec<RawFd>,
     /// Has work right now (a kick or backend event, or a turn cut short).
     ready: bool,
     /// Poll mode: guest kicks switched off for the rings as they are now.
@@ -471,14 +471,14 @@ fn register(epoll: &Epoll, poll: bool, id: usize, e: &mut Entry) {
     }
     for (fd, token, set) in want {
         match epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(set, token)) {
-            Ok(()) => e.registered.push((fd, token)),
+            Ok(()) => e.registered.push(fd),
             Err(err) => error!("worker {id}: watching fd {fd}: {err}"),
         }
     }
 }
 
 fn unregister(epoll: &Epoll, e: &mut Entry) {
-    for (fd, _) in e.registered.drain(..) {
+    for fd in e.registered.drain(..) {
         let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
     }
 }

@@ -541,9 +541,9 @@ impl Device {
         let c = &mut self.vrings[v];
         c.started = true;
         let c = *c;
-        let features = self.acked;
-        let event_idx = features & net::F_EVENT_IDX != 0;
-        let (mem, log) = (self.mem.clone(), self.active_log());
+        // Features, memory and log are already the worker's: every change
+        // to them went there through sync_all.
+        let event_idx = self.acked & net::F_EVENT_IDX != 0;
         debug!(
             "{}: vring {v} started: {addrs:?} from {} ({})",
             self.name,
@@ -551,9 +551,6 @@ impl Device {
             if c.enabled { "enabled" } else { "disabled" }
         );
         self.qp_of(v).apply(move |s| {
-            s.qp.sync_features(features);
-            s.mem = mem;
-            s.log = log;
             let r = s.vring_mut(v);
             r.addrs = Some(addrs);
             // Every chain before the base was used: used resumes there too.

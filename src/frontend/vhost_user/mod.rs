@@ -27,9 +27,12 @@ const MSG_TIMEOUT: Duration = protocol::MSG_TIMEOUT;
 /// Client mode: how often to try reaching a front end that is not there.
 const RECONNECT: Duration = Duration::from_millis(500);
 
+/// What a socket path some server already listens on is told.
+pub const IN_USE: &str = "a vfrelay or other server is already listening there";
+
 const SOCKET: OwnerOnly<'static> = OwnerOnly {
     label: "socket",
-    live: "a vfrelay or other server is already listening there",
+    live: IN_USE,
 };
 
 /// One vhost-user port: its socket, its connection, its device.
@@ -123,7 +126,7 @@ impl Port {
     }
 
     /// One of the fds from [`watch`](Self::watch) is readable.
-    pub fn ready(&mut self, _fd: RawFd) {
+    pub fn ready(&mut self) {
         if self.conn.is_none() {
             if let Some(l) = &self.listener {
                 match l.accept() {
