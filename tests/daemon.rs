@@ -43,20 +43,9 @@ fn expect_error(resp: &Value, id: &Value, code: i64, needles: &[&str]) -> String
     msg.to_string()
 }
 
-/// The list in a `--json` listing: the array itself, or the array under
-/// `key` if the client wraps it in an object.
-fn json_list<'a>(v: &'a Value, key: &str) -> &'a Vec<Value> {
-    v.as_array()
-        .or_else(|| v[key].as_array())
-        .unwrap_or_else(|| panic!("no {key} list in {v}"))
-}
-
 /// Port names in `vfrelay port list --json`.
 fn listed_ports(d: &Vfrelay) -> BTreeSet<String> {
-    let out = d.ctl_ok(&["port", "list", "--json"]);
-    let v: Value =
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("port list --json: {e}: {out}"));
-    json_list(&v, "ports")
+    d.ctl_list(&["port", "list", "--json"], "ports")
         .iter()
         .map(|p| p["name"].as_str().expect("port name").to_string())
         .collect()
@@ -64,10 +53,7 @@ fn listed_ports(d: &Vfrelay) -> BTreeSet<String> {
 
 /// `vfrelay worker list --json`, parsed.
 fn workers(d: &Vfrelay) -> Vec<Value> {
-    let out = d.ctl_ok(&["worker", "list", "--json"]);
-    let v: Value =
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("worker list --json: {e}: {out}"));
-    json_list(&v, "workers").clone()
+    d.ctl_list(&["worker", "list", "--json"], "workers")
 }
 
 /// `vfrelay port add NAME --vhost-user SOCK --backend loopback extra...`:
@@ -103,11 +89,8 @@ fn del_port(d: &Vfrelay, name: &str) {
 /// `vfrelay stats --json`: (rx_frames, tx_frames) of every port, summed
 /// over its queue pairs, each list sorted.
 fn frames_per_port(d: &Vfrelay) -> (Vec<u64>, Vec<u64>) {
-    let out = d.ctl_ok(&["stats", "--json"]);
-    let v: Value =
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("stats --json: {e}: {out}"));
     let (mut rx, mut tx): (Vec<u64>, Vec<u64>) = (Vec::new(), Vec::new());
-    for p in json_list(&v, "ports") {
+    for p in &d.ctl_list(&["stats", "--json"], "ports") {
         let qps = p["queue_pairs"]
             .as_array()
             .unwrap_or_else(|| panic!("no queue_pairs: {p}"));
@@ -372,25 +355,12 @@ fn testpmd_32_ports_on_one_worker() {
     // While testpmd is connected: every port is, and the one worker on
     // CPU 0 polls all 32 queue pairs.
     let ws = workers(&d);
-    assert_eq!(ws.len(), 1, "--workers 0: {ws:?}");
-    assert_eq!(ws[0]["cpu"], 0, "{ws:?}");
-    assert_eq!(ws[0]["mode"], "poll", "{ws:?}");
-    let held: BTreeSet<(String, u64)> = ws[0]["queue_pairs"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{ws:?}"))
-        .iter()
-        .map(|q| {
-            let port = q["port"].as_str().unwrap_or_else(|| panic!("{q}"));
-            (port.to_string(), q["index"].as_u64().expect("index"))
-        })
-        .collect();
+    let held = vfrelay::held_by_one_worker(&ws, "poll");
     let want: BTreeSet<(String, u64)> = (0..PORTS).map(|i| (format!("p{i}"), 0)).collect();
     assert_eq!(held, want, "queue pairs of the worker: {ws:?}");
-    let out = d.ctl_ok(&["port", "list", "--json"]);
-    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    let ports = json_list(&v, "ports");
-    assert_eq!(ports.len(), PORTS, "{out}");
-    for p in ports {
+    let ports = d.ctl_list(&["port", "list", "--json"], "ports");
+    assert_eq!(ports.len(), PORTS, "{ports:?}");
+    for p in &ports {
         assert_eq!(p["connected"], true, "testpmd is connected: {p}");
     }
 

@@ -135,20 +135,7 @@ fn two_guests_on_one_daemon_each_ping_their_peer() {
         .collect();
 
     let ws = d.ctl_list(&["worker", "list", "--json"], "workers");
-    assert_eq!(ws.len(), 1, "--workers 0: {ws:?}");
-    assert_eq!(ws[0]["cpu"], 0, "{ws:?}");
-    assert_eq!(ws[0]["mode"], "event", "{ws:?}");
-    let held: BTreeSet<(String, u64)> = ws[0]["queue_pairs"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{ws:?}"))
-        .iter()
-        .map(|q| {
-            (
-                q["port"].as_str().unwrap().to_string(),
-                q["index"].as_u64().unwrap(),
-            )
-        })
-        .collect();
+    let held = common::vfrelay::held_by_one_worker(&ws, "event");
     let want: BTreeSet<(String, u64)> = names.iter().map(|n| (n.to_string(), 0)).collect();
     assert_eq!(held, want, "queue pairs of worker 0: {ws:?}");
     let ports = d.ctl_list(&["port", "list", "--json"], "ports");

@@ -8,6 +8,7 @@
 
 use super::netns::Netns;
 use super::{secs, wait_until};
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -352,4 +353,22 @@ impl Rpc {
             _ => panic!("{method} failed: {resp}"),
         }
     }
+}
+
+/// `worker list --json` of a daemon started with `--workers 0`: asserts it
+/// is one worker on CPU 0 in `mode`, and returns the (port, index) pairs it
+/// holds.
+pub fn held_by_one_worker(ws: &[serde_json::Value], mode: &str) -> BTreeSet<(String, u64)> {
+    assert_eq!(ws.len(), 1, "--workers 0: {ws:?}");
+    assert_eq!(ws[0]["cpu"], 0, "{ws:?}");
+    assert_eq!(ws[0]["mode"], mode, "{ws:?}");
+    ws[0]["queue_pairs"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{ws:?}"))
+        .iter()
+        .map(|q| {
+            let port = q["port"].as_str().unwrap_or_else(|| panic!("{q}"));
+            (port.to_string(), q["index"].as_u64().expect("index"))
+        })
+        .collect()
 }
