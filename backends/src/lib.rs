@@ -191,15 +191,7 @@ impl fmt::Display for BackendSpec {
     }
 }
 
-/// Index of the network interface `name` in this namespace, if it exists.
-pub(crate) fn if_index(name: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(name).ok()?;
-    // SAFETY: c is a valid NUL-terminated string.
-    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
-        0 => None,
-        i => Some(i),
-    }
-}
+pub(crate) use vfrelay_sriov::if_index;
 
 fn valid_ifname(name: &str) -> bool {
     !name.is_empty()

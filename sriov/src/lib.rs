@@ -15,7 +15,7 @@ use std::io;
 use std::path::PathBuf;
 use std::str::FromStr;
 
-pub use netlink::Rtnl;
+pub use netlink::{if_index, Rtnl};
 pub use sysfs::{PfSysfs, Sysfs, VfSysfs};
 
 #[derive(Debug, thiserror::Error)]

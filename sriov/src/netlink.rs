@@ -229,11 +229,17 @@ impl Rtnl {
 }
 
 fn ifindex(name: &str) -> Result<u32> {
-    let c = std::ffi::CString::new(name).map_err(|_| Error::NoSuchNetdev(name.to_string()))?;
+    if_index(name).ok_or_else(|| Error::NoSuchNetdev(name.to_string()))
+}
+
+/// Index of the network interface `name` in this namespace, if it exists
+/// (the backends look netdevs up with it too).
+pub fn if_index(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
     // SAFETY: c is a valid NUL-terminated string.
     match unsafe { libc::if_nametoindex(c.as_ptr()) } {
-        0 => Err(Error::NoSuchNetdev(name.to_string())),
-        i => Ok(i),
+        0 => None,
+        i => Some(i),
     }
 }
 
