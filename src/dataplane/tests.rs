@@ -335,6 +335,54 @@ fn frame_waits_for_rx_buffers() {
     assert_eq!(g.mem.read(b0 + 12, 52), &swapped(&f)[..52]);
 }
 
+/// VIRTIO_F_IN_ORDER is offered: buffers must be used in the order they
+/// were made available, whatever their descriptor ids, also when frames
+/// wait for RX buffers.
+#[test]
+fn buffers_are_used_in_the_order_they_were_offered() {
+    let mut g = Guest::new();
+    let mut q = qp();
+    // RX buffers published in an order unlike their ids: 5, 3, 4.
+    let addrs: Vec<u64> = (0..3).map(|_| g.alloc(2048)).collect();
+    for (id, a) in [5u16, 3, 4].into_iter().zip(&addrs) {
+        g.desc(false, id, *a, 2048, VRING_DESC_F_WRITE, 0);
+        g.publish(false, id);
+    }
+    for i in 0..3 {
+        g.send(&frame(60 + 10 * i, i as u8));
+    }
+    g.run_event(&mut q);
+    let rx: Vec<u32> = g.used(false).iter().map(|u| u.0).collect();
+    assert_eq!(rx, [5, 3, 4], "RX used in avail order");
+    let tx: Vec<u32> = g.used(true).iter().map(|u| u.0).collect();
+    assert_eq!(tx, [0, 2, 4], "TX used in avail order");
+
+    // Frames that wait in the backend for RX buffers, offered a few at a
+    // time: used entries still follow the avail order.
+    let sent = QSIZE as usize / 2 - 3;
+    for i in 0..sent {
+        g.send(&frame(60, i as u8));
+    }
+    g.run_event(&mut q);
+    let tx_ids: Vec<u32> = g.used(true).iter().map(|u| u.0).collect();
+    let want_tx: Vec<u32> = (3..3 + sent as u32)
+        .map(|k| (2 * k) % QSIZE as u32)
+        .collect();
+    assert_eq!(tx_ids, want_tx);
+    let mut rx_ids = Vec::new();
+    let mut expect_rx = Vec::new();
+    while rx_ids.len() < sent {
+        for _ in 0..4 {
+            expect_rx.push((g.rx.next_desc % QSIZE) as u32);
+            g.post_rx(2048);
+        }
+        g.run_event(&mut q);
+        rx_ids.extend(g.used(false).iter().map(|u| u.0));
+        assert!(expect_rx.len() <= sent + 4, "RX never caught up");
+    }
+    assert_eq!(rx_ids, expect_rx[..sent]);
+}
+
 #[test]
 fn without_mrg_a_too_small_buffer_drops_the_frame() {
     let mut g = Guest::new();
