@@ -59,6 +59,31 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Write `src` at `dst` unless those bytes are already there. A buffer the
+/// driver reposts usually still holds the header of its last frame, which
+/// for most frames is the same: left alone, its cache line stays shared
+/// with the driver's core instead of moving here and back (the driver then
+/// reads the header without a miss). DPDK's vhost does the same.
+///
+/// # Safety
+/// `dst..dst + src.len()` must be valid for reads and writes.
+#[inline]
+unsafe fn write_unless_equal(dst: *mut u8, src: &[u8]) {
+    if let Ok(new) = <&[u8; VNET_HDR_LEN]>::try_from(src) {
+        // The common case, compared in two loads rather than a memcmp call.
+        // SAFETY: the caller's promise; guest memory is copied, never
+        // borrowed.
+        let old: [u8; VNET_HDR_LEN] = unsafe { std::ptr::read_unaligned(dst as *const _) };
+        if old != *new {
+            // SAFETY: as above.
+            unsafe { std::ptr::write_unaligned(dst as *mut [u8; VNET_HDR_LEN], *new) };
+        }
+    } else {
+        // SAFETY: as above.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len()) };
+    }
+}
+
 /// Host and guest address of byte `off` of a chain.
 fn byte_at(chain: &Chain, mut off: usize) -> Option<(*mut u8, u64)> {
     for (v, gpa) in chain.iov.iter().zip(&chain.gpa) {
@@ -184,7 +209,7 @@ fn deliver(
         if pending == 0 {
             return Ok(Delivery::NoRoom);
         }
-        ring.prefetch(pending, true);
+        ring.prefetch(pending, true, 0);
         ring.pop(mem, true, MAX_RX_CHAIN, chain)?;
         if (chain.len as usize) < total {
             // Give the buffer back for a smaller frame.
@@ -220,17 +245,17 @@ fn deliver(
             ring.next_used = ring.next_used.wrapping_sub(used);
             return Ok(Delivery::NoRoom);
         }
-        ring.prefetch(pending, true);
+        ring.prefetch(pending, true, 0);
         ring.pop(mem, true, MAX_RX_CHAIN, chain)?;
         let written = match chain.iov.as_slice() {
             // The whole rest fits the chain's one buffer (small frames in
             // mergeable buffers): two plain copies, no cursor.
             [v] if v.iov_len >= header_left.len() + data.len() => {
                 let p = v.iov_base as *mut u8;
-                // SAFETY: both copies end within the segment, which was
+                // SAFETY: both writes end within the segment, which was
                 // bounds-checked against guest memory by pop.
                 unsafe {
-                    std::ptr::copy_nonoverlapping(header_left.as_ptr(), p, header_left.len());
+                    write_unless_equal(p, header_left);
                     std::ptr::copy_nonoverlapping(
                         data.as_ptr(),
                         p.add(header_left.len()),
@@ -288,4 +313,51 @@ fn deliver(
         }
     }
     Ok(Delivery::Done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The header a buffer already holds is not written again: shown on a
+    /// read-only page, where a write would fault.
+    #[test]
+    fn an_unchanged_header_is_left_alone() {
+        // SAFETY: a fresh private anonymous page, unmapped below.
+        let page = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(page, libc::MAP_FAILED);
+        let p = page as *mut u8;
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        hdr[10] = 1;
+        // SAFETY: inside the page, which is read-write here.
+        unsafe { write_unless_equal(p.add(100), &hdr) };
+        // SAFETY: our page.
+        assert_eq!(unsafe { libc::mprotect(page, 4096, libc::PROT_READ) }, 0);
+        // SAFETY: inside the page; the same bytes are there, so no write.
+        unsafe { write_unless_equal(p.add(100), &hdr) };
+        // SAFETY: reading our page.
+        let got = unsafe { std::slice::from_raw_parts(p.add(100), VNET_HDR_LEN) };
+        assert_eq!(got, hdr);
+        // SAFETY: our page; a changed header is written.
+        assert_eq!(
+            unsafe { libc::mprotect(page, 4096, libc::PROT_READ | libc::PROT_WRITE) },
+            0
+        );
+        hdr[0] = 1;
+        // SAFETY: inside the page.
+        unsafe { write_unless_equal(p.add(100), &hdr) };
+        // SAFETY: reading our page.
+        assert_eq!(unsafe { *p.add(100) }, 1);
+        // SAFETY: unmapping what was mapped above; `got` is not used again.
+        unsafe { libc::munmap(page, 4096) };
+    }
 }

@@ -42,6 +42,12 @@ pub fn burst(
     stats: &mut QueueStats,
 ) -> Result<(usize, bool), ChainError> {
     let vnet = backend.vnet_hdr();
+    // The header is skipped unread for a plain-Ethernet backend (below).
+    let unread = if !vnet || hdr_len != VNET_HDR_LEN {
+        hdr_len
+    } else {
+        0
+    };
     let mut n = 0;
     let mut blocked = false;
     let mut pending = ring.pending()?;
@@ -53,7 +59,7 @@ pub fn burst(
                 break;
             }
         }
-        ring.prefetch(pending, false);
+        ring.prefetch(pending, false, unread);
         ring.pop(mem, false, MAX_TX_CHAIN, chain)?;
         pending -= 1;
         if chain.len < hdr_len as u64 {
@@ -68,8 +74,8 @@ pub fn burst(
         // 10-byte header is stripped too, though a vnet backend then gets
         // no header at all: no driver seen declines both VERSION_1 and
         // MRG_RXBUF, so this case is untested and known to be wrong.
-        if !vnet || hdr_len != VNET_HDR_LEN {
-            skip_front(&mut chain.iov, hdr_len);
+        if unread > 0 {
+            skip_front(&mut chain.iov, unread);
         }
         match backend.tx_frame(&chain.iov) {
             Ok(true) => {
