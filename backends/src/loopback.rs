@@ -2,7 +2,7 @@
 //! and destination MAC swapped. For benchmarks and tests: it has no fd, the
 //! dataplane runs RX right after TX on the same thread.
 
-use crate::{Backend, BackendStats, Result};
+use crate::{copy_frame, Backend, BackendStats, Result};
 
 /// Frames held at most; past this `tx_frame` reports full and the guest's TX
 /// ring backs up instead of frames being dropped.
@@ -71,7 +71,7 @@ impl Backend for Loopback {
             // memory; they stay mapped for the call. Copy raw, never borrow.
             // total <= SLOT_LEN, so every copy stays inside the slot.
             unsafe {
-                std::ptr::copy_nonoverlapping(
+                copy_frame(
                     s.iov_base as *const u8,
                     buf.as_mut_ptr().add(off),
                     s.iov_len,

@@ -1,7 +1,7 @@
 //! Guest RX: frames from the backend are written into guest buffers, with
 //! mergeable RX buffers when negotiated.
 
-use vfrelay_backends::{Backend, VNET_HDR_LEN};
+use vfrelay_backends::{copy_frame, Backend, VNET_HDR_LEN};
 
 use super::dirty_log::{DirtyLog, LogCache};
 use super::mem::MemView;
@@ -256,11 +256,7 @@ fn deliver(
                 // bounds-checked against guest memory by pop.
                 unsafe {
                     write_unless_equal(p, header_left);
-                    std::ptr::copy_nonoverlapping(
-                        data.as_ptr(),
-                        p.add(header_left.len()),
-                        data.len(),
-                    );
+                    copy_frame(data.as_ptr(), p.add(header_left.len()), data.len());
                 }
                 let n = header_left.len() + data.len();
                 header_left = &[];
