@@ -73,6 +73,10 @@ struct DaemonArgs {
     /// Workers busy-poll their queues instead of sleeping on kicks.
     #[arg(long)]
     poll: bool,
+    /// Keep the port table in FILE (rewritten atomically at each change)
+    /// and rebuild the ports from it at start.
+    #[arg(long, value_name = "FILE")]
+    state: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -387,6 +391,7 @@ fn run_one_port(spec: PortSpec, poll: bool) -> Result<(), Box<dyn std::error::Er
         control: None,
         workers: vec![None],
         poll,
+        state: None,
     })?;
     d.add_port(spec)?;
     let r = d.run(true);
@@ -526,6 +531,7 @@ fn run(cmd: Command) -> Result<(), Box<dyn std::error::Error>> {
                 control: Some(control),
                 workers,
                 poll: a.poll,
+                state: a.state.clone(),
             })?;
             let r = d.run(false);
             info!("stopped");

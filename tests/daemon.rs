@@ -474,3 +474,145 @@ fn churn_does_not_disturb_a_running_port() {
     assert!(st.success(), "testpmd exit: {st}");
     stop_daemon(d);
 }
+
+/// `port list --json` as name -> (path, mac).
+fn ports_by_name(d: &Vfrelay) -> std::collections::BTreeMap<String, (String, String)> {
+    d.ctl_list(&["port", "list", "--json"], "ports")
+        .iter()
+        .map(|p| {
+            let s = |k: &str| {
+                p[k].as_str()
+                    .unwrap_or_else(|| panic!("no {k}: {p}"))
+                    .to_string()
+            };
+            (s("name"), (s("path"), s("mac")))
+        })
+        .collect()
+}
+
+/// The port names saved in a state file.
+fn saved_names(state: &Path) -> Vec<String> {
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(state).unwrap()).unwrap();
+    doc["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root, dpdk-testpmd, hugepages"]
+fn state_file_brings_the_ports_back_after_sigkill() {
+    if let Some(why) = dpdk::missing_prerequisite() {
+        panic!("testpmd test cannot run: {why}");
+    }
+    let _one_at_a_time = dpdk::exclusive();
+    let dir = TempDir::new();
+    let control = dir.join("control.sock");
+    let state = dir.join("ports.json");
+    let st = state.to_str().unwrap();
+    let args = ["--workers", "0", "--state", st];
+    let mut d = Vfrelay::daemon(&control, &args);
+    let (a, b, c) = (dir.join("a.sock"), dir.join("b.sock"), dir.join("c.sock"));
+    add_port(&d, "a", &a, &["--mac", "02:00:00:00:00:0a"]);
+    add_port(&d, "b", &b, &[]);
+    add_port(&d, "c", &c, &[]);
+    del_port(&d, "c");
+    let before = ports_by_name(&d);
+    assert_eq!(saved_names(&state), ["a", "b"], "state after the changes");
+
+    d.kill();
+    let mut d = Vfrelay::daemon(&control, &args);
+    assert_eq!(
+        ports_by_name(&d),
+        before,
+        "ports after the restart (names, sockets, MACs, the picked one too)\n{}",
+        d.log_text()
+    );
+    d.wait_for_socket(&a, secs(10));
+
+    // The restored port carries traffic, every frame back.
+    let eal = dpdk::virtio_user_eal(&a, 1);
+    let mut tp = Testpmd::spawn("virtio-user", &eal, &dpdk::app_args(1), secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cmd = |tp: &mut Testpmd, c: &str| tp.cmd(c, secs(10)).unwrap_or_else(|e| panic!("{e}"));
+    cmd(&mut tp, "set fwd mac retry");
+    cmd(&mut tp, "start tx_first");
+    tp.wait_stats(0, "after restart", secs(60), secs(15), |s| {
+        s.tx_packets >= 10_000
+    });
+    let fwd = cmd(&mut tp, "stop");
+    assert_no_fwd_drops(&fwd);
+    assert_exact("restored port a", &tp.drain(0));
+    let st = tp.quit(secs(30)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(st.success(), "testpmd exit: {st}");
+
+    // A clean stop tears the ports down but keeps them saved.
+    stop_daemon(d);
+    assert_eq!(saved_names(&state), ["a", "b"], "state after SIGTERM");
+}
+
+#[test]
+#[ignore = "starts a vfrelay daemon (worker pinned to CPU 0)"]
+fn a_saved_port_that_cannot_come_back_is_kept_until_deleted() {
+    let dir = TempDir::new();
+    let control = dir.join("control.sock");
+    let state = dir.join("ports.json");
+    let ok = dir.join("ok.sock");
+    std::fs::write(
+        &state,
+        json!({"version": 1, "ports": [
+            {"name": "gone", "vhost_user": dir.join("gone.sock"),
+             "backend": "af-xdp,ifname=vfrnosuch0"},
+            {"name": "ok", "vhost_user": ok, "backend": "loopback"},
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    let d = Vfrelay::daemon(
+        &control,
+        &["--workers", "0", "--state", state.to_str().unwrap()],
+    );
+    assert_eq!(listed_ports(&d), BTreeSet::from(["ok".to_string()]));
+    assert!(
+        d.log().contains("gone: not restored from the state file"),
+        "{}",
+        d.log_text()
+    );
+    assert_eq!(
+        saved_names(&state),
+        ["ok", "gone"],
+        "kept for the next start"
+    );
+    del_port(&d, "gone");
+    assert_eq!(saved_names(&state), ["ok"]);
+    stop_daemon(d);
+}
+
+#[test]
+#[ignore = "starts a vfrelay daemon"]
+fn a_state_file_that_is_not_ours_stops_the_start_and_is_left_alone() {
+    let dir = TempDir::new();
+    let state = dir.join("ports.json");
+    std::fs::write(&state, "{\"ports\": oops").unwrap();
+    let control = dir.join("control.sock");
+    let mut d = Vfrelay::spawn(
+        None,
+        &[
+            "daemon",
+            "--control",
+            control.to_str().unwrap(),
+            "--state",
+            state.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        wait_until(secs(10), || !d.is_running()),
+        "daemon started on a broken state file"
+    );
+    let (st, log) = d.stop();
+    assert!(st.is_some_and(|s| !s.success()), "exit status {st:?}");
+    assert!(log.contains("state file"), "{log}");
+    assert_eq!(std::fs::read_to_string(&state).unwrap(), "{\"ports\": oops");
+}

@@ -7,6 +7,7 @@
 
 pub mod ports;
 pub mod rpc;
+pub mod state;
 
 use std::io;
 use std::os::fd::RawFd;
@@ -14,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::{error, info, warn};
 use serde_json::{json, Value};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -41,6 +42,8 @@ pub struct Options {
     /// One worker per entry, pinned to that CPU (None: not pinned).
     pub workers: Vec<Option<usize>>,
     pub poll: bool,
+    /// Where the port table is kept (`--state`); None: not kept.
+    pub state: Option<PathBuf>,
 }
 
 enum Front {
@@ -72,6 +75,11 @@ pub struct Daemon {
     next_id: u64,
     epoll: Epoll,
     control: Option<rpc::ControlServer>,
+    state: Option<state::StateFile>,
+    /// Saved ports that could not be rebuilt at start, with why: kept in
+    /// the state file (the next start tries again; a backend device may
+    /// simply not be there yet) until `port_add` or `port_del` names them.
+    unrestored: Vec<(String, Value, String)>,
 }
 
 impl Daemon {
@@ -114,12 +122,80 @@ impl Daemon {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        Ok(Daemon {
+        let mut d = Daemon {
             workers,
             ports: Vec::new(),
             next_id: 1,
             epoll,
             control,
+            state: None,
+            unrestored: Vec::new(),
+        };
+        if let Some(path) = &opts.state {
+            // After the control socket is bound (a live daemon on it is
+            // refused before its ports are touched), before any client is
+            // served: the first `port list` sees the whole table.
+            let file = state::StateFile::new(path.clone());
+            let saved = file.load().map_err(Error::Port)?;
+            d.restore(saved);
+            d.state = Some(file);
+            d.save_state()
+                .map_err(|e| Error::Port(format!("state file {}: {e}", path.display())))?;
+        }
+        Ok(d)
+    }
+
+    /// Rebuild the ports saved in the state file. One that fails is logged
+    /// and remembered; the others come up regardless.
+    fn restore(&mut self, saved: Vec<Value>) {
+        for params in saved {
+            let name = params["name"].as_str().unwrap_or("?").to_string();
+            match PortSpec::from_params(&params).and_then(|s| self.add_port(s)) {
+                Ok(_) => info!("{name}: port restored from the state file"),
+                Err(e) => {
+                    error!(
+                        "{name}: not restored from the state file: {} (kept there; \
+                         `vfrelay port del {name}` forgets it)",
+                        e.message
+                    );
+                    self.unrestored.push((name, params, e.message));
+                }
+            }
+        }
+    }
+
+    /// Write the port table to the state file, if there is one.
+    fn save_state(&self) -> io::Result<()> {
+        let Some(file) = &self.state else {
+            return Ok(());
+        };
+        let ports: Vec<Value> = self
+            .ports
+            .iter()
+            .map(|p| {
+                // The MAC in effect, also where the daemon picked it.
+                let mut spec = p.spec.clone();
+                spec.mac = Some(p.mac);
+                spec.to_params()
+            })
+            .chain(self.unrestored.iter().map(|(_, v, _)| v.clone()))
+            .collect();
+        file.save(&ports)
+    }
+
+    /// After a change by RPC: the state file follows, or the caller hears
+    /// that it did not.
+    fn persist(&self) -> Result<(), String> {
+        self.save_state().map_err(|e| {
+            let path = self.state.as_ref().map(|f| f.path().display().to_string());
+            error!(
+                "writing the state file {}: {e}",
+                path.as_deref().unwrap_or("?")
+            );
+            format!(
+                "writing the state file {}: {e}",
+                path.as_deref().unwrap_or("?")
+            )
         })
     }
 
@@ -483,11 +559,35 @@ impl rpc::Handler for Daemon {
         match method {
             "port_add" => {
                 let spec = PortSpec::from_params(params)?;
-                self.add_port(spec)
+                let name = spec.name.clone();
+                let added = self.add_port(spec)?;
+                // A saved port that was not restored is replaced by this one.
+                let replaced = self
+                    .unrestored
+                    .iter()
+                    .position(|(n, _, _)| *n == name)
+                    .map(|i| self.unrestored.remove(i));
+                if let Err(e) = self.persist() {
+                    // Not kept, so not made: a restart would lose it.
+                    self.del_port(&name).ok();
+                    self.unrestored.extend(replaced);
+                    return Err(RpcError::failed(format!("port '{name}' not added: {e}")));
+                }
+                Ok(added)
             }
             "port_del" => {
                 let name = rpc::require(rpc::param_str(params, "name")?, "name")?;
-                self.del_port(name).map(|_| json!({}))
+                let saved_only = self.unrestored.iter().position(|(n, _, _)| n == name);
+                match saved_only {
+                    Some(i) if !self.ports.iter().any(|p| p.spec.name == name) => {
+                        self.unrestored.remove(i);
+                        info!("{name}: forgotten (it was never restored)");
+                    }
+                    _ => self.del_port(name)?,
+                }
+                self.persist()
+                    .map_err(|e| RpcError::failed(format!("port '{name}' deleted, but {e}")))?;
+                Ok(json!({}))
             }
             "port_list" => Ok(Value::Array(
                 self.ports.iter().map(|p| self.port_json(p)).collect(),

@@ -233,6 +233,16 @@ impl Vfrelay {
         None
     }
 
+    /// SIGKILL, as a crash would end it, and reap it.
+    pub fn kill(&mut self) {
+        if self.is_running() {
+            let _ = self.child.kill();
+            if let Ok(st) = self.child.wait() {
+                self.exited = Some(st);
+            }
+        }
+    }
+
     /// Stops vfrelay (SIGTERM, 5 s grace) and returns (status, log).
     pub fn stop(mut self) -> (Option<ExitStatus>, String) {
         let st = self.terminate(secs(5));
