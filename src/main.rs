@@ -164,7 +164,30 @@ struct PortAddArgs {
     #[arg(long, value_parser = parse_backend)]
     backend: Option<BackendSpec>,
     #[command(flatten)]
+    socket: SocketArgs,
+    #[command(flatten)]
     control: ControlArg,
+}
+
+/// Who may open a vhost-user socket vfrelay listens on.
+#[derive(Args, Debug)]
+struct SocketArgs {
+    /// Give the socket to USER[:GROUP] (names or numbers), e.g. the
+    /// `libvirt-qemu` user QEMU runs as under libvirt.
+    #[arg(long, value_name = "USER[:GROUP]", value_parser = rpc::parse_owner, conflicts_with = "client")]
+    socket_owner: Option<rpc::Owner>,
+    /// The socket's permission bits in octal, e.g. 0660 (default 0600).
+    #[arg(long, value_name = "OCTAL", value_parser = rpc::parse_mode, conflicts_with = "client")]
+    socket_mode: Option<u32>,
+}
+
+impl SocketArgs {
+    fn access(&self) -> rpc::SocketAccess {
+        rpc::SocketAccess {
+            owner: self.socket_owner.clone(),
+            mode: self.socket_mode,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -219,6 +242,8 @@ struct VhostUserArgs {
     /// Largest ring size the front end may use (power of two).
     #[arg(long, default_value_t = 1024, value_parser = parse_queue_size)]
     queue_size: u16,
+    #[command(flatten)]
+    socket_access: SocketArgs,
     #[command(flatten)]
     dev: DeviceArgs,
 }
@@ -277,6 +302,7 @@ impl VhostUserArgs {
             mac: self.dev.mac,
             mtu: self.dev.mtu,
             backend: self.dev.backend.clone(),
+            socket_access: self.socket_access.access(),
         }
     }
 }
@@ -294,6 +320,7 @@ impl VduseArgs {
             mac: self.dev.mac,
             mtu: self.dev.mtu,
             backend: self.dev.backend.clone(),
+            socket_access: Default::default(),
         }
     }
 }
@@ -322,6 +349,7 @@ impl PortAddArgs {
             mac: self.mac,
             mtu: self.mtu.unwrap_or(ports::DEFAULT_MTU),
             backend: self.backend.clone().unwrap_or_default(),
+            socket_access: self.socket.access(),
         }
     }
 }

@@ -616,3 +616,133 @@ fn a_state_file_that_is_not_ours_stops_the_start_and_is_left_alone() {
     assert!(log.contains("state file"), "{log}");
     assert_eq!(std::fs::read_to_string(&state).unwrap(), "{\"ports\": oops");
 }
+
+/// Can user `uid`/`gid` (no supplementary groups) connect to the unix
+/// socket at `path`? Ok, or the errno of the refusal. Tried in a forked
+/// child that drops to that user, so the test itself stays root.
+fn connect_as(path: &Path, uid: u32, gid: u32) -> Result<(), i32> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: sockaddr_un is plain C data; all-zero is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    assert!(bytes.len() < addr.sun_path.len(), "socket path too long");
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: the child runs only async-signal-safe calls (setgroups,
+    // setgid, setuid, socket, connect, _exit) on data prepared before the
+    // fork, then exits without returning into the test harness.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        // SAFETY: as above.
+        unsafe {
+            let code = if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                250
+            } else {
+                let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+                let ptr = &addr as *const libc::sockaddr_un as *const libc::sockaddr;
+                if fd < 0 {
+                    251
+                } else if libc::connect(fd, ptr, len) == 0 {
+                    0
+                } else {
+                    *libc::__errno_location()
+                }
+            };
+            libc::_exit(code);
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for the child forked above.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFEXITED(status), "child status {status}");
+    match libc::WEXITSTATUS(status) {
+        0 => Ok(()),
+        c => {
+            assert!(c < 250, "child could not become {uid}:{gid} ({c})");
+            Err(c)
+        }
+    }
+}
+
+/// `id FLAG nobody`, e.g. `-u`, `-g`, `-gn`.
+fn id_of_nobody(flag: &str) -> String {
+    let out = std::process::Command::new("id")
+        .args([flag, "nobody"])
+        .output()
+        .expect("id");
+    assert!(out.status.success(), "id {flag} nobody");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+#[ignore = "needs root (chown, setuid) and starts a vfrelay daemon"]
+fn socket_owner_and_mode_let_another_user_connect() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = TempDir::new();
+    // Others must be able to reach the sockets' directory.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let uid: u32 = id_of_nobody("-u").parse().unwrap();
+    let gid: u32 = id_of_nobody("-g").parse().unwrap();
+    let owner = format!("nobody:{}", id_of_nobody("-gn"));
+    let d = Vfrelay::daemon(&dir.join("control.sock"), &["--workers", "0"]);
+    let (open, closed) = (dir.join("open.sock"), dir.join("closed.sock"));
+    add_port(
+        &d,
+        "open",
+        &open,
+        &["--socket-owner", &owner, "--socket-mode", "0660"],
+    );
+    add_port(&d, "closed", &closed, &[]);
+
+    let m = std::fs::metadata(&open).unwrap();
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (uid, gid, 0o660));
+    let m = std::fs::metadata(&closed).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o777), (0, 0o600));
+    assert_eq!(
+        connect_as(&open, uid, gid),
+        Ok(()),
+        "nobody on the open socket"
+    );
+    assert_eq!(
+        connect_as(&closed, uid, gid),
+        Err(libc::EACCES),
+        "nobody on the default socket"
+    );
+
+    // Both options are refused where they mean nothing, with one error.
+    let (code, _, err) = d.ctl(&[
+        "port",
+        "add",
+        "c",
+        "--vhost-user",
+        "/tmp/x.sock",
+        "--client",
+        "--socket-mode",
+        "0660",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--client"), "{err}");
+    let (code, _, err) = d.ctl(&[
+        "port",
+        "add",
+        "v",
+        "--vduse",
+        "vd0",
+        "--socket-owner",
+        "nobody",
+    ]);
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("vhost-user port"), "{err}");
+    assert_eq!(
+        listed_ports(&d),
+        BTreeSet::from(["open".to_string(), "closed".to_string()])
+    );
+    stop_daemon(d);
+}

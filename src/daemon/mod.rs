@@ -403,9 +403,17 @@ impl Daemon {
                     cfg.queue_pairs,
                     spec.backend
                 );
-                vhost_user::Port::new(&spec.name, path, *client, cfg, offloads, qps.clone())
-                    .map(|p| Front::VhostUser(Box::new(p)))
-                    .map_err(|e| e.to_string())
+                vhost_user::Port::new(
+                    &spec.name,
+                    path,
+                    *client,
+                    &spec.socket_access,
+                    cfg,
+                    offloads,
+                    qps.clone(),
+                )
+                .map(|p| Front::VhostUser(Box::new(p)))
+                .map_err(|e| e.to_string())
             }
             Kind::Vduse { device, attach } => {
                 info!(

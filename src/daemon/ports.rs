@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde_json::{json, Map, Value};
 use vfrelay_backends::BackendSpec;
 
-use super::rpc::{self, RpcError};
+use super::rpc::{self, RpcError, SocketAccess};
 use crate::frontend::vduse::Attach;
 use crate::net::{self, NetConfig};
 
@@ -26,6 +26,8 @@ pub struct PortSpec {
     pub mac: Option<[u8; 6]>,
     pub mtu: u16,
     pub backend: BackendSpec,
+    /// Owner and mode of a vhost-user server socket (default: root, 0600).
+    pub socket_access: SocketAccess,
 }
 
 pub const DEFAULT_MTU: u16 = 1500;
@@ -74,6 +76,18 @@ pub fn check_name(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// Owner and mode are for a socket vfrelay creates: a vhost-user server.
+pub fn check_socket_access(kind: &Kind, access: &SocketAccess) -> Result<(), String> {
+    match kind {
+        _ if access.is_default() => Ok(()),
+        Kind::VhostUser { client: false, .. } => Ok(()),
+        Kind::VhostUser { client: true, .. } => Err(
+            "socket owner and mode go with a socket vfrelay listens on, not with --client".into(),
+        ),
+        Kind::Vduse { .. } => Err("socket owner and mode go with a vhost-user port".into()),
+    }
+}
+
 fn attach_name(a: Attach) -> &'static str {
     match a {
         Attach::VirtioVdpa => "virtio-vdpa",
@@ -104,6 +118,8 @@ const PARAMS: &[&str] = &[
     "mac",
     "mtu",
     "backend",
+    "socket_owner",
+    "socket_mode",
 ];
 
 impl PortSpec {
@@ -186,6 +202,17 @@ impl PortSpec {
             Some(s) => parse_backend(s).map_err(|e| bad("backend", e))?,
             None => BackendSpec::default(),
         };
+        let socket_access = SocketAccess {
+            owner: rpc::param_str(p, "socket_owner")?
+                .map(rpc::parse_owner)
+                .transpose()
+                .map_err(|e| bad("socket_owner", e))?,
+            mode: rpc::param_str(p, "socket_mode")?
+                .map(rpc::parse_mode)
+                .transpose()
+                .map_err(|e| bad("socket_mode", e))?,
+        };
+        check_socket_access(&kind, &socket_access).map_err(RpcError::invalid_params)?;
         Ok(PortSpec {
             name,
             kind,
@@ -194,6 +221,7 @@ impl PortSpec {
             mac,
             mtu,
             backend,
+            socket_access,
         })
     }
 
@@ -218,6 +246,12 @@ impl PortSpec {
         }
         m.insert("mtu".into(), json!(self.mtu));
         m.insert("backend".into(), json!(self.backend.to_string()));
+        if let Some(o) = &self.socket_access.owner {
+            m.insert("socket_owner".into(), json!(o.spec));
+        }
+        if let Some(mode) = self.socket_access.mode_text() {
+            m.insert("socket_mode".into(), json!(mode));
+        }
         Value::Object(m)
     }
 
@@ -251,6 +285,14 @@ mod tests {
             "mac": "52:54:00:00:00:02", "backend": "loopback"}))
         .unwrap();
         assert_eq!(s.queue_size, 256);
+        assert_eq!(spec(s.to_params()).unwrap(), s);
+        let s = spec(json!({"name": "l", "vhost_user": "/tmp/l.sock",
+            "socket_owner": "root:root", "socket_mode": "660"}))
+        .unwrap();
+        let o = s.socket_access.owner.as_ref().unwrap();
+        assert_eq!((o.uid, o.gid), (Some(0), Some(0)));
+        assert_eq!(s.socket_access.mode, Some(0o660));
+        assert_eq!(s.to_params()["socket_mode"], "0660");
         assert_eq!(spec(s.to_params()).unwrap(), s);
     }
 
@@ -296,6 +338,34 @@ mod tests {
             (
                 json!({"name": "a", "vduse": "d", "attach": "vfio"}),
                 "'attach'",
+            ),
+            (
+                json!({"name": "a", "vhost_user": "/x", "socket_owner": "vfrnosuchuser"}),
+                "no user named 'vfrnosuchuser'",
+            ),
+            (
+                json!({"name": "a", "vhost_user": "/x", "socket_owner": "root:vfrnosuchgrp"}),
+                "no group named 'vfrnosuchgrp'",
+            ),
+            (
+                json!({"name": "a", "vhost_user": "/x", "socket_owner": ":"}),
+                "'socket_owner'",
+            ),
+            (
+                json!({"name": "a", "vhost_user": "/x", "socket_mode": "0800"}),
+                "'socket_mode'",
+            ),
+            (
+                json!({"name": "a", "vhost_user": "/x", "socket_mode": "04755"}),
+                "'socket_mode'",
+            ),
+            (
+                json!({"name": "a", "vhost_user": "/x", "client": true, "socket_mode": "0660"}),
+                "not with --client",
+            ),
+            (
+                json!({"name": "a", "vduse": "d", "socket_owner": "root"}),
+                "vhost-user port",
             ),
         ] {
             let e = spec(p.clone()).unwrap_err();

@@ -262,6 +262,133 @@ impl OwnerOnly<'_> {
     }
 }
 
+/// Who besides root may use a vhost-user server socket: `--socket-owner
+/// USER[:GROUP]` and `--socket-mode OCTAL` (QEMU under libvirt runs as
+/// `libvirt-qemu` and cannot open a 0600 root socket). Applied right after
+/// the bind, while the socket is still root's and 0600, so nobody else can
+/// connect before the port is as asked.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SocketAccess {
+    pub owner: Option<Owner>,
+    pub mode: Option<u32>,
+}
+
+/// `USER`, `USER:GROUP` or `:GROUP`, names or numbers, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    /// As given: what `port_add` params and the state file carry.
+    pub spec: String,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+}
+
+/// Look a user or group up with the reentrant libc call `f`
+/// (getpwnam_r or getgrnam_r); the id comes out of `id` once found.
+fn lookup<T>(
+    name: &str,
+    what: &str,
+    f: unsafe extern "C" fn(
+        *const libc::c_char,
+        *mut T,
+        *mut libc::c_char,
+        libc::size_t,
+        *mut *mut T,
+    ) -> libc::c_int,
+    id: impl Fn(&T) -> u32,
+) -> Result<u32, String> {
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok(n);
+    }
+    let cname = std::ffi::CString::new(name).map_err(|_| format!("{what} '{name}': bad name"))?;
+    let mut buf = vec![0 as libc::c_char; 16384];
+    // SAFETY: T is libc's passwd or group, plain C data for which all-zero
+    // bytes are a valid value.
+    let mut entry: T = unsafe { std::mem::zeroed() };
+    let mut found: *mut T = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; the strings `entry`
+    // points into live in `buf`, which outlives the only read (`id`).
+    let rc = unsafe {
+        f(
+            cname.as_ptr(),
+            &mut entry,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "{what} '{name}': {}",
+            io::Error::from_raw_os_error(rc)
+        ));
+    }
+    if found.is_null() {
+        return Err(format!("no {what} named '{name}'"));
+    }
+    Ok(id(&entry))
+}
+
+pub fn parse_owner(s: &str) -> Result<Owner, String> {
+    let (user, group) = match s.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (s, None),
+    };
+    if user.is_empty() && group.is_none_or(str::is_empty) {
+        return Err(format!("'{s}' is not USER[:GROUP] or :GROUP"));
+    }
+    let uid = (!user.is_empty())
+        .then(|| lookup(user, "user", libc::getpwnam_r, |p: &libc::passwd| p.pw_uid))
+        .transpose()?;
+    let gid = match group {
+        Some("") => return Err(format!("'{s}': empty group after ':'")),
+        Some(g) => Some(lookup(g, "group", libc::getgrnam_r, |g: &libc::group| {
+            g.gr_gid
+        })?),
+        None => None,
+    };
+    Ok(Owner {
+        spec: s.to_string(),
+        uid,
+        gid,
+    })
+}
+
+pub fn parse_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!(
+            "'{s}' is not a permission mode in octal, 0000 to 0777 (like 0660)"
+        )),
+    }
+}
+
+impl SocketAccess {
+    pub fn is_default(&self) -> bool {
+        self.owner.is_none() && self.mode.is_none()
+    }
+
+    /// The mode as it is spelled on the command line.
+    pub fn mode_text(&self) -> Option<String> {
+        self.mode.map(|m| format!("{m:04o}"))
+    }
+
+    /// Give the socket at `path` its owner and mode.
+    pub fn apply(&self, path: &Path) -> io::Result<()> {
+        let fail = |what: &str, e: io::Error| {
+            io::Error::new(e.kind(), format!("socket {}: {what}: {e}", path.display()))
+        };
+        if let Some(o) = &self.owner {
+            std::os::unix::fs::chown(path, o.uid, o.gid)
+                .map_err(|e| fail(&format!("owner {}", o.spec), e))?;
+        }
+        if let Some(m) = self.mode {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(m))
+                .map_err(|e| fail(&format!("mode {m:04o}"), e))?;
+        }
+        Ok(())
+    }
+}
+
 const CONTROL: OwnerOnly<'static> = OwnerOnly {
     label: "control socket",
     live: "a vfrelay daemon is already listening there",

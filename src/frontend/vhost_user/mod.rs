@@ -16,7 +16,7 @@ use log::{debug, info, warn};
 use vhost::vhost_user::message::VhostUserU64;
 use vm_memory::ByteValued;
 
-use crate::daemon::rpc::OwnerOnly;
+use crate::daemon::rpc::{OwnerOnly, SocketAccess};
 use crate::dataplane::worker::QpRef;
 use crate::net::NetConfig;
 use device::{Device, Failure};
@@ -54,6 +54,7 @@ impl Port {
         name: &str,
         path: &Path,
         client: bool,
+        access: &SocketAccess,
         cfg: NetConfig,
         offloads: u64,
         qps: Vec<QpRef>,
@@ -62,6 +63,10 @@ impl Port {
             None
         } else {
             let l = SOCKET.bind(path)?;
+            if let Err(e) = access.apply(path) {
+                let _ = std::fs::remove_file(path);
+                return Err(e);
+            }
             l.set_nonblocking(true)?;
             info!("{name}: listening on {}", path.display());
             Some(l)
