@@ -77,6 +77,21 @@ struct DaemonArgs {
     /// and rebuild the ports from it at start.
     #[arg(long, value_name = "FILE")]
     state: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g.
+    /// 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen_addr)]
+    metrics: Option<String>,
+}
+
+/// `--metrics ADDR`: host:port, checked here so a typo is a usage error.
+fn parse_listen_addr(s: &str) -> Result<String, String> {
+    use std::net::ToSocketAddrs;
+    match s.to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(_)) => Ok(s.to_string()),
+        _ => Err(format!(
+            "'{s}' is not an address to listen on (like 127.0.0.1:9464)"
+        )),
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -420,6 +435,7 @@ fn run_one_port(spec: PortSpec, poll: bool) -> Result<(), Box<dyn std::error::Er
         workers: vec![None],
         poll,
         state: None,
+        metrics: None,
     })?;
     d.add_port(spec)?;
     let r = d.run(true);
@@ -491,21 +507,24 @@ fn print_ports(ports: &Value) {
     }
 }
 
+/// The columns of `vfrelay stats`; every counter is in `--json`.
 const STAT_FIELDS: &[&str] = &[
     "rx_frames",
     "rx_bytes",
     "rx_dropped",
-    "rx_errors",
+    "rx_no_buffer",
     "tx_frames",
     "tx_bytes",
     "tx_errors",
     "chain_errors",
+    "kicks",
+    "interrupts",
 ];
 
 fn print_stats(v: &Value) {
     print!("{:<16} {:>3} {:>6}", "PORT", "QP", "WORKER");
     for f in STAT_FIELDS {
-        print!(" {:>14}", f.to_uppercase());
+        print!(" {:>13}", f.to_uppercase());
     }
     println!();
     for p in v["ports"].as_array().into_iter().flatten() {
@@ -517,7 +536,7 @@ fn print_stats(v: &Value) {
                 s(&q["worker"])
             );
             for f in STAT_FIELDS {
-                print!(" {:>14}", s(&q[*f]));
+                print!(" {:>13}", s(&q[*f]));
             }
             println!();
         }
@@ -560,6 +579,7 @@ fn run(cmd: Command) -> Result<(), Box<dyn std::error::Error>> {
                 workers,
                 poll: a.poll,
                 state: a.state.clone(),
+                metrics: a.metrics.clone(),
             })?;
             let r = d.run(false);
             info!("stopped");

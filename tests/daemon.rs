@@ -746,3 +746,113 @@ fn socket_owner_and_mode_let_another_user_connect() {
     );
     stop_daemon(d);
 }
+
+/// `GET /metrics` from `addr`: the body.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+    s.set_read_timeout(Some(secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut r = String::new();
+    s.read_to_string(&mut r).unwrap();
+    let (head, body) = r.split_once("\r\n\r\n").unwrap_or_else(|| panic!("{r}"));
+    assert!(
+        head.starts_with("HTTP/1.") && head.contains(" 200"),
+        "{head}"
+    );
+    body.to_string()
+}
+
+/// The value of one series in an exposition.
+fn series(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+#[test]
+#[ignore = "needs root, dpdk-testpmd, hugepages"]
+fn counters_and_metrics_match_what_testpmd_sent() {
+    if let Some(why) = dpdk::missing_prerequisite() {
+        panic!("testpmd test cannot run: {why}");
+    }
+    let _one_at_a_time = dpdk::exclusive();
+    let dir = TempDir::new();
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let d = Vfrelay::daemon(
+        &dir.join("control.sock"),
+        &["--workers", "0", "--poll", "--metrics", &addr],
+    );
+    let sock = dir.join("a.sock");
+    add_port(&d, "a", &sock, &[]);
+    let eal = dpdk::virtio_user_eal(&sock, 1);
+    let mut tp = Testpmd::spawn("virtio-user", &eal, &dpdk::app_args(1), secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cmd = |tp: &mut Testpmd, c: &str| tp.cmd(c, secs(10)).unwrap_or_else(|e| panic!("{e}"));
+    // 200-byte frames: all in the 128-255 bucket.
+    cmd(&mut tp, "set txpkts 200");
+    cmd(&mut tp, "set fwd mac retry");
+    cmd(&mut tp, "start tx_first");
+    tp.wait_stats(0, "warm-up", secs(60), secs(15), |s| s.tx_packets >= 20_000);
+    // Scraped under traffic: the counters move between two scrapes.
+    let tx = "vfrelay_tx_frames_total{port=\"a\",queue=\"0\"}";
+    let first = series(&scrape(&addr), tx);
+    std::thread::sleep(Duration::from_millis(500));
+    let second = series(&scrape(&addr), tx);
+    assert!(second > first && first > 0, "{first} -> {second}");
+
+    let fwd = cmd(&mut tp, "stop");
+    assert_no_fwd_drops(&fwd);
+    let s = tp.drain(0);
+    assert_exact("port a", &s);
+    // The worker publishes at least once a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let ports = d.ctl_list(&["stats", "a", "--json"], "ports");
+    let t = &ports[0]["total"];
+    let get = |k: &str| t[k].as_u64().unwrap_or_else(|| panic!("no {k}: {t}"));
+    // What testpmd sent, vfrelay took from its TX ring, and what came back
+    // to testpmd, vfrelay delivered: frames and bytes.
+    assert_eq!(
+        (get("tx_frames"), get("tx_bytes")),
+        (s.tx_packets, s.tx_bytes)
+    );
+    assert_eq!(
+        (get("rx_frames"), get("rx_bytes")),
+        (s.rx_packets, s.rx_bytes)
+    );
+    assert_eq!(get("tx_size_128_255"), s.tx_packets, "{t}");
+    assert_eq!(get("rx_size_128_255"), s.rx_packets, "{t}");
+    assert_eq!(get("tx_size_64") + get("tx_size_256_511"), 0, "{t}");
+    assert_eq!((get("chain_errors"), get("rx_dropped")), (0, 0), "{t}");
+    assert_eq!(
+        get("backend_tx_frames"),
+        s.tx_packets,
+        "the loopback's own count"
+    );
+    let text = scrape(&addr);
+    assert_eq!(series(&text, tx), s.tx_packets);
+    assert_eq!(
+        series(
+            &text,
+            "vfrelay_rx_size_frames_total{port=\"a\",queue=\"0\",size=\"128-255\"}"
+        ),
+        s.rx_packets
+    );
+    // The table names the port.
+    let table = d.ctl_ok(&["stats"]);
+    assert!(
+        table.contains("RX_FRAMES") && table.lines().any(|l| l.starts_with("a ")),
+        "{table}"
+    );
+
+    let st = tp.quit(secs(30)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(st.success(), "testpmd exit: {st}");
+    // A deleted port leaves the exposition.
+    del_port(&d, "a");
+    assert!(!scrape(&addr).contains("port=\"a\""));
+    stop_daemon(d);
+}

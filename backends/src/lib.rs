@@ -80,6 +80,12 @@ pub struct BackendStats {
     /// Frames the backend had to drop (e.g. oversized, kernel refused).
     pub tx_dropped: u64,
     pub rx_dropped: u64,
+    /// tap: writes the kernel refused with an error (also in tx_dropped).
+    pub tx_write_errors: u64,
+    /// AF_XDP: frames that could not go back on the fill ring at once.
+    pub fill_shortfall: u64,
+    /// AF_XDP: times TX found every UMEM frame still awaiting completion.
+    pub completion_shortfall: u64,
 }
 
 /// Copy `n` bytes from `src` to `dst` (no overlap), inline for the sizes

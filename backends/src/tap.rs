@@ -352,6 +352,7 @@ impl Backend for Tap {
                     // A malformed frame (bad vnet header, too short, ...) or
                     // a device that is down: drop, never stall the queue.
                     self.stats.tx_dropped += 1;
+                    self.stats.tx_write_errors += 1;
                     log::debug!("{}: writev of {total} bytes: {e}", self.describe());
                     return Ok(true);
                 }

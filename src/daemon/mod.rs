@@ -5,6 +5,7 @@
 //! vhost-user`, `vfrelay vduse`) are this daemon with one port and no
 //! control socket.
 
+pub mod metrics;
 pub mod ports;
 pub mod rpc;
 pub mod state;
@@ -44,6 +45,8 @@ pub struct Options {
     pub poll: bool,
     /// Where the port table is kept (`--state`); None: not kept.
     pub state: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (`--metrics`).
+    pub metrics: Option<String>,
 }
 
 enum Front {
@@ -80,6 +83,8 @@ pub struct Daemon {
     /// the state file (the next start tries again; a backend device may
     /// simply not be there yet) until `port_add` or `port_del` names them.
     unrestored: Vec<(String, Value, String)>,
+    /// What the metrics thread reads, if it runs.
+    metrics: Option<metrics::Table>,
 }
 
 impl Daemon {
@@ -130,7 +135,13 @@ impl Daemon {
             control,
             state: None,
             unrestored: Vec::new(),
+            metrics: None,
         };
+        if let Some(addr) = &opts.metrics {
+            let table = metrics::Table::default();
+            metrics::serve(addr, table.clone()).map_err(Error::Port)?;
+            d.metrics = Some(table);
+        }
         if let Some(path) = &opts.state {
             // After the control socket is bound (a live daemon on it is
             // refused before its ports are touched), before any client is
@@ -389,8 +400,8 @@ impl Daemon {
         for (i, b) in backends.into_iter().enumerate() {
             let worker = self.pick_worker(&qps);
             let key = QpKey { port: id, index: i };
-            worker.add(Box::new(Slot::new(key, QueuePair::new(i, b))));
-            qps.push(QpRef { worker, key });
+            let slot = Box::new(Slot::new(key, QueuePair::new(i, b)));
+            qps.push(QpRef::add(worker, slot));
         }
         let offloads = spec.backend.offload_features();
         let front = match &spec.kind {
@@ -452,6 +463,17 @@ impl Daemon {
             watched: Vec::new(),
         });
         let i = self.ports.len() - 1;
+        if let Some(t) = &self.metrics {
+            let p = &self.ports[i];
+            let qps = p
+                .qps
+                .iter()
+                .map(|q| (q.key.index, q.stats.clone()))
+                .collect();
+            t.write()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((p.spec.name.clone(), qps));
+        }
         self.with_front(i, |_| {});
         Ok(self.port_json(&self.ports[i]))
     }
@@ -465,6 +487,11 @@ impl Daemon {
             Front::Vduse(v) => v.close(),
         });
         let mut p = self.ports.remove(i);
+        if let Some(t) = &self.metrics {
+            t.write()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|(n, _)| n != name);
+        }
         // The queue pairs leave their workers (backends close) before the
         // frontend's last resources go.
         for q in &p.qps {
@@ -520,18 +547,21 @@ impl Daemon {
         let out: Vec<Value> = ports
             .iter()
             .map(|p| {
+                let mut total = crate::stats::QueueStats::default();
                 let qps: Vec<Value> = p
                     .qps
                     .iter()
                     .map(|q| {
-                        let st = q.apply(|s| s.qp.stats).unwrap_or_default();
-                        let mut v = serde_json::to_value(st).unwrap_or_default();
-                        v["index"] = json!(q.key.index);
-                        v["worker"] = json!(q.worker.id);
-                        v
+                        // The published copy: no command to a busy worker.
+                        let st = q.stats.snapshot();
+                        total = total.add(&st);
+                        let mut v = st.json();
+                        v.insert("index".into(), json!(q.key.index));
+                        v.insert("worker".into(), json!(q.worker.id));
+                        Value::Object(v)
                     })
                     .collect();
-                json!({"name": p.spec.name, "queue_pairs": qps})
+                json!({"name": p.spec.name, "total": total.json(), "queue_pairs": qps})
             })
             .collect();
         Ok(json!({ "ports": out }))

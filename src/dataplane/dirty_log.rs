@@ -81,23 +81,30 @@ impl DirtyLog {
     /// Bits beyond the log's end are dropped: the front end sized the log to
     /// cover guest memory, so they cannot describe a real page.
     #[inline]
-    fn or_word(&self, word: u64, bits: u64) {
+    /// Returns how many of the pages were not marked yet.
+    fn or_word(&self, word: u64, bits: u64) -> u32 {
         let byte = word.saturating_mul(8);
         if byte >= self.len as u64 {
-            return;
+            return 0;
         }
         let byte = byte as usize;
         // SAFETY (both arms): byte (+8) is within the log; the base may be
         // unaligned when mmap_offset is, so use a u64 only when aligned.
         let p = unsafe { self.base.add(byte) };
         if byte + 8 <= self.len && (p as usize).is_multiple_of(8) {
-            unsafe { &*(p as *const AtomicU64) }.fetch_or(bits.to_le(), Ordering::Relaxed);
+            let old =
+                unsafe { &*(p as *const AtomicU64) }.fetch_or(bits.to_le(), Ordering::Relaxed);
+            (bits & !u64::from_le(old)).count_ones()
         } else {
+            let mut new = 0;
             for (i, b) in bits.to_le_bytes().iter().enumerate() {
                 if *b != 0 && byte + i < self.len {
-                    unsafe { &*(p.add(i) as *const AtomicU8) }.fetch_or(*b, Ordering::Relaxed);
+                    let old =
+                        unsafe { &*(p.add(i) as *const AtomicU8) }.fetch_or(*b, Ordering::Relaxed);
+                    new += (*b & !old).count_ones();
                 }
             }
+            new
         }
     }
 
@@ -119,6 +126,8 @@ impl Drop for DirtyLog {
 pub struct LogCache {
     words: [(u64, u64); CACHE_WORDS],
     n: usize,
+    /// Pages newly marked by flushes since [`Self::take_marked`].
+    marked: u64,
 }
 
 impl Default for LogCache {
@@ -126,6 +135,7 @@ impl Default for LogCache {
         LogCache {
             words: [(0, 0); CACHE_WORDS],
             n: 0,
+            marked: 0,
         }
     }
 }
@@ -173,9 +183,15 @@ impl LogCache {
     /// Write the collected bits to the shared log.
     pub fn flush(&mut self, log: &DirtyLog) {
         for &(w, b) in &self.words[..self.n] {
-            log.or_word(w, b);
+            self.marked += u64::from(log.or_word(w, b));
         }
         self.n = 0;
+    }
+
+    /// Pages the flushes marked that were not marked before, since the
+    /// last call.
+    pub fn take_marked(&mut self) -> u64 {
+        std::mem::take(&mut self.marked)
     }
 }
 

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use log::{debug, error};
 use vfrelay_backends::Backend;
 
-use crate::stats::QueueStats;
+use crate::stats::{QueueStats, SharedStats};
 use dirty_log::{DirtyLog, LogCache};
 use mem::MemView;
 use ring::{Chain, ChainError, RingAddrs, SplitRing};
@@ -113,7 +113,7 @@ impl RingSlot {
 
     fn fail(&mut self, ctl: &mut dyn RingCtl, what: &str, e: &ChainError, stats: &mut QueueStats) {
         error!("{what}: stopping queue: {e}");
-        stats.chain_errors += 1;
+        stats.count_chain_error(e);
         self.broken = true;
         ctl.broken(e);
     }
@@ -122,9 +122,21 @@ impl RingSlot {
     /// While logging, the used ring (entries, index, avail_event) and the
     /// buffers marked during the burst reach the log before the ring can be
     /// stopped (GET_VRING_BASE waits for this burst).
-    fn finish(&mut self, ctl: &mut dyn RingCtl, log: Option<&DirtyLog>, cache: &mut LogCache) {
+    fn finish(
+        &mut self,
+        ctl: &mut dyn RingCtl,
+        log: Option<&DirtyLog>,
+        cache: &mut LogCache,
+        stats: &mut QueueStats,
+    ) {
         if let Some(r) = self.ring.as_mut() {
+            let fresh = r.next_used != r.used_idx();
             let notify = r.publish_used();
+            if notify {
+                stats.interrupts += 1;
+            } else if fresh {
+                stats.interrupts_suppressed += 1;
+            }
             // Marked after the writes: a log sync between a mark and the
             // write it covers would send the page before it changed.
             if let Some(log) = log {
@@ -146,7 +158,12 @@ impl RingSlot {
 /// backend they relay to. Owned by one thread.
 pub struct QueuePair {
     pub backend: Box<dyn Backend>,
+    /// Counted here by the owning worker; read by others from `shared`.
     pub stats: QueueStats,
+    pub shared: Arc<SharedStats>,
+    /// Counted outside a round (a kick, a chain error, a discard) and not
+    /// yet published.
+    pub stats_dirty: bool,
     features: u64,
     hdr_len: usize,
     rx: RingSlot,
@@ -203,6 +220,8 @@ impl QueuePair {
             ),
             backend,
             stats: QueueStats::default(),
+            shared: Arc::new(SharedStats::default()),
+            stats_dirty: false,
             features: 0,
             hdr_len: 12,
             rx: RingSlot::default(),
@@ -281,7 +300,16 @@ impl QueuePair {
             }
         }
         self.stats.rx_dropped += n;
+        self.stats.rx_dropped_stale += n;
+        self.publish_stats();
         n
+    }
+
+    /// Copy the counters (with the backend's) where others read them.
+    pub fn publish_stats(&mut self) {
+        self.stats.set_backend(&self.backend.stats());
+        self.shared.publish(&self.stats);
+        self.stats_dirty = false;
     }
 
     /// Forget ring state (frontend disconnected or device reset).
@@ -317,9 +345,13 @@ impl QueuePair {
                     moved += n;
                     self.tx_blocked = blocked;
                 }
-                Err(e) => self.tx.fail(tx, &self.tx_name, &e, &mut self.stats),
+                Err(e) => {
+                    self.tx.fail(tx, &self.tx_name, &e, &mut self.stats);
+                    self.stats_dirty = true;
+                }
             }
-            self.tx.finish(tx, log, &mut self.log_cache);
+            self.tx
+                .finish(tx, log, &mut self.log_cache, &mut self.stats);
         }
         if let Some(ring) = self
             .rx
@@ -347,9 +379,19 @@ impl QueuePair {
             }
             match res {
                 Ok(n) => moved += n,
-                Err(e) => self.rx.fail(rx, &self.rx_name, &e, &mut self.stats),
+                Err(e) => {
+                    self.rx.fail(rx, &self.rx_name, &e, &mut self.stats);
+                    self.stats_dirty = true;
+                }
             }
-            self.rx.finish(rx, log, &mut self.log_cache);
+            self.rx
+                .finish(rx, log, &mut self.log_cache, &mut self.stats);
+        }
+        if log.is_some() {
+            self.stats.dirty_pages_logged += self.log_cache.take_marked();
+        }
+        if moved > 0 || self.stats_dirty {
+            self.publish_stats();
         }
         if moved > 0 {
             // Loopback frames produced by TX are waiting; a blocked TX may

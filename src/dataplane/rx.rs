@@ -130,6 +130,7 @@ pub fn burst(
         let (hdr, payload) = if vnet {
             if frame.len() < VNET_HDR_LEN {
                 stats.rx_dropped += 1;
+                stats.rx_dropped_short += 1;
                 return true;
             }
             frame.split_at(VNET_HDR_LEN)
@@ -148,15 +149,18 @@ pub fn burst(
             logging,
         ) {
             Ok(Delivery::Done) => {
-                stats.rx_frames += 1;
-                stats.rx_bytes += payload.len() as u64;
+                stats.count_rx(payload);
                 true
             }
             Ok(Delivery::TooBig) => {
                 stats.rx_dropped += 1;
+                stats.rx_dropped_oversized += 1;
                 true
             }
-            Ok(Delivery::NoRoom) => false,
+            Ok(Delivery::NoRoom) => {
+                stats.rx_no_buffer += 1;
+                false
+            }
             Err(e) => {
                 err = Some(e);
                 false

@@ -530,6 +530,12 @@ fn rx_writes_and_used_ring_are_logged_while_logging() {
     // TX buffers are only read: not logged.
     let tx_data_page = page(BASE + 0x10000);
     assert!(!pages.contains(&tx_data_page), "{pages:?}");
+    // Each page counted once, however often it was marked.
+    assert_eq!(
+        q.shared.snapshot().dirty_pages_logged,
+        pages.len() as u64,
+        "{pages:?}"
+    );
 }
 
 #[test]
@@ -605,4 +611,43 @@ fn frames_queued_without_a_guest_are_discarded() {
     g.post_rx(2048);
     g.run_event(&mut q);
     assert!(g.used(false).is_empty(), "nothing stale delivered");
+}
+
+/// Known frames of known sizes move the counters by exactly that much.
+#[test]
+fn counters_follow_the_frames() {
+    let mut g = Guest::new();
+    let mut q = qp();
+    for _ in 0..6 {
+        g.post_rx(2048);
+    }
+    let mut bcast = frame(60, 1);
+    bcast[..6].copy_from_slice(&[0xff; 6]);
+    let mut mcast = frame(100, 2);
+    mcast[..6].copy_from_slice(&[0x01, 0x00, 0x5e, 0, 0, 1]);
+    for f in [bcast, mcast, frame(64, 3), frame(300, 4), frame(1518, 5)] {
+        g.send(&f);
+    }
+    g.run_event(&mut q);
+    let s = q.shared.snapshot();
+    assert_eq!((s.tx_frames, s.rx_frames), (5, 5));
+    assert_eq!(s.tx_bytes, 60 + 100 + 64 + 300 + 1518);
+    assert_eq!(s.rx_bytes, s.tx_bytes);
+    assert_eq!(
+        [
+            s.tx_size_64,
+            s.tx_size_65_127,
+            s.tx_size_256_511,
+            s.tx_size_1024_1518
+        ],
+        [2, 1, 1, 1]
+    );
+    assert_eq!((s.tx_broadcast, s.tx_multicast), (1, 1));
+    // The loopback swaps the MACs: what comes back is addressed to the
+    // frames' unicast sources.
+    assert_eq!((s.rx_broadcast, s.rx_multicast), (0, 0));
+    assert_eq!(s.rx_size_64 + s.rx_size_65_127, 3);
+    assert!(s.interrupts >= 1, "RX used entries published: {s:?}");
+    assert_eq!(s.backend_tx_frames, 5, "the loopback's own count");
+    assert_eq!(s.chain_errors, 0);
 }

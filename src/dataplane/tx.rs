@@ -32,6 +32,21 @@ fn skip_front(iov: &mut Vec<libc::iovec>, mut n: usize) {
     }
 }
 
+/// The destination MAC of the frame `off` bytes into a chain, if its first
+/// segment holds it (a copy: guest memory is never borrowed).
+#[inline]
+fn dest(chain: &Chain, off: usize) -> Option<[u8; 6]> {
+    let v = chain.iov.first()?;
+    if v.iov_len < off + 6 {
+        return None;
+    }
+    let mut d = [0u8; 6];
+    // SAFETY: off + 6 <= iov_len, inside a segment pop checked against
+    // guest memory.
+    unsafe { std::ptr::copy_nonoverlapping((v.iov_base as *const u8).add(off), d.as_mut_ptr(), 6) };
+    Some(d)
+}
+
 /// Relay up to BURST chains. Returns (frames taken, backend was full).
 pub fn burst(
     ring: &mut SplitRing,
@@ -80,12 +95,15 @@ pub fn burst(
         match backend.tx_frame(&chain.iov) {
             Ok(true) => {
                 ring.put_used(chain.head, 0);
-                stats.tx_frames += 1;
-                stats.tx_bytes += len - hdr_len as u64;
+                stats.count_tx(
+                    (len - hdr_len as u64) as usize,
+                    dest(chain, hdr_len - unread).as_ref().map(|d| &d[..]),
+                );
                 n += 1;
             }
             Ok(false) => {
                 ring.unpop(1);
+                stats.tx_backend_full += 1;
                 blocked = true;
                 break;
             }

@@ -25,6 +25,7 @@ use super::dirty_log::DirtyLog;
 use super::mem::MemView;
 use super::vring::Vring;
 use super::QueuePair;
+use crate::stats::SharedStats;
 
 /// A port as the dataplane knows it: a number the daemon hands out.
 pub type PortId = u64;
@@ -352,6 +353,12 @@ impl Worker {
                 self.busy_ppm.store(ppm.min(1_000_000), Ordering::Relaxed);
                 busy = Duration::ZERO;
                 window = now;
+                // What changed without moving frames (a backend's own
+                // counters, a kick, a ring that failed to start) shows
+                // within a second.
+                for e in &mut self.entries {
+                    e.slot.qp.publish_stats();
+                }
             }
         }
     }
@@ -395,7 +402,10 @@ impl Worker {
             _ => None,
         };
         if let Some(k) = kick {
-            let _ = k.read();
+            if let Ok(n) = k.read() {
+                e.slot.qp.stats.kicks += n;
+                e.slot.qp.stats_dirty = true;
+            }
         }
         e.ready = true;
     }
@@ -489,9 +499,18 @@ fn unregister(epoll: &Epoll, e: &mut Entry) {
 pub struct QpRef {
     pub worker: Arc<WorkerHandle>,
     pub key: QpKey,
+    /// The pair's counters as its worker last published them.
+    pub stats: Arc<SharedStats>,
 }
 
 impl QpRef {
+    /// Hand `slot` to `worker`; what the caller keeps of it.
+    pub fn add(worker: Arc<WorkerHandle>, slot: Box<Slot>) -> QpRef {
+        let (key, stats) = (slot.key, slot.qp.shared.clone());
+        worker.add(slot);
+        QpRef { worker, key, stats }
+    }
+
     /// [`WorkerHandle::apply`] on this pair.
     pub fn apply<R: Send + 'static>(
         &self,

@@ -466,6 +466,7 @@ impl Backend for Xsk {
             }
         }
         let Some(addr) = self.tx_free.pop() else {
+            self.stats.completion_shortfall += 1;
             return Ok(false);
         };
         // SAFETY: addr is a TX frame we own (free list), FRAME_SIZE bytes
@@ -497,10 +498,11 @@ impl Backend for Xsk {
         }
         self.reap_completions();
         let max = u32::try_from(max).unwrap_or(u32::MAX);
-        let avail = self.rx.available(max);
+        let ready = self.rx.available(max);
         // Always true by construction (the fill ring holds all RX frames),
         // but never write into a full fill ring.
-        let avail = avail.min(self.fill.free(avail));
+        let avail = ready.min(self.fill.free(ready));
+        self.stats.fill_shortfall += u64::from(ready - avail);
         let base = self.umem.as_ptr();
         let mut n = 0;
         while n < avail {

@@ -628,8 +628,7 @@ mod tests {
         let backend = BackendSpec::Loopback.open(1).unwrap().pop().unwrap();
         let worker = Arc::new(WorkerHandle::spawn(0, None, poll).unwrap());
         let key = QpKey { port: 1, index: 0 };
-        worker.add(Box::new(Slot::new(key, QueuePair::new(0, backend))));
-        let qp = QpRef { worker, key };
+        let qp = QpRef::add(worker, Box::new(Slot::new(key, QueuePair::new(0, backend))));
         Shared::new("test".into(), Device::from_file(file), 256, qp).unwrap()
     }
 

@@ -180,14 +180,25 @@ impl Device {
         self.rebalance_rx();
         for (i, q) in self.qps.iter().enumerate() {
             let got = q.apply(|s| {
-                let st = (s.qp.stats, s.qp.backend.stats());
+                s.qp.publish_stats();
                 s.reset();
-                st
+                s.qp.stats
             });
-            if let Some((stats, backend)) = got {
+            if let Some(st) = got {
                 info!(
-                    "{}: queue pair {i} stats: {stats} backend: {backend:?}",
-                    self.name
+                    "{}: queue pair {i}: rx {} frames {} bytes, tx {} frames {} bytes, \
+                     dropped {}, chain errors {}, backend rx {} tx {} dropped {}/{}",
+                    self.name,
+                    st.rx_frames,
+                    st.rx_bytes,
+                    st.tx_frames,
+                    st.tx_bytes,
+                    st.rx_dropped,
+                    st.chain_errors,
+                    st.backend_rx_frames,
+                    st.backend_tx_frames,
+                    st.backend_rx_dropped,
+                    st.backend_tx_dropped
                 );
             }
         }
@@ -782,11 +793,7 @@ mod tests {
             .map(|i| {
                 let key = QpKey { port: 1, index: i };
                 let qp = QueuePair::new(i, Box::new(Loopback::new(i)));
-                worker.add(Box::new(Slot::new(key, qp)));
-                QpRef {
-                    worker: worker.clone(),
-                    key,
-                }
+                QpRef::add(worker.clone(), Box::new(Slot::new(key, qp)))
             })
             .collect();
         let cfg = NetConfig {
