@@ -1,7 +1,8 @@
 #!/bin/bash
 # Idempotent host setup for the vfrelay test suite (run as root on Debian
 # bookworm). Installs QEMU 10 and the 6.12 guest kernel from
-# bookworm-backports, DPDK testpmd, busybox, and reserves hugepages.
+# bookworm-backports, DPDK testpmd, busybox, systemd-analyze, and reserves
+# hugepages.
 set -euo pipefail
 
 BPO=/etc/apt/sources.list.d/bookworm-backports.sources
@@ -26,6 +27,9 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v ethtool >/dev/null || need+=(ethtool)
 command -v cpio >/dev/null || need+=(cpio)
 command -v python3 >/dev/null || need+=(python3)
+# tests/systemd_unit.rs checks contrib/systemd/vfrelay.service with it
+# (containers often lack systemd).
+command -v systemd-analyze >/dev/null || need+=(systemd)
 # build-guest.sh compiles the guest test tools with `gcc -static`.
 command -v gcc >/dev/null || need+=(gcc)
 [ -f "/usr/lib/$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)/libc.a" ] || need+=(libc6-dev)

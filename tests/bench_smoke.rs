@@ -5,6 +5,9 @@
 //! port carrying frames. Never a timed test.
 //!
 //! Run as root: `cargo test --test bench_smoke -- --ignored`.
+//!
+//! The harness's argument parser is tested here too, without root
+//! (`harness::args::tests`: cargo runs no tests of a `harness = false` bench).
 
 mod common;
 #[path = "../benches/harness/mod.rs"]

@@ -8,6 +8,7 @@
 //! back end under test gets core 0 (vfrelay pinned there with
 //! sched_setaffinity, DPDK's testpmd with `--main-lcore 1 -l 0,1`).
 
+pub mod args;
 mod gen;
 mod plot;
 mod ports;
@@ -84,6 +85,7 @@ impl Config {
     }
 
     fn wants(&self, what: &str) -> bool {
+        debug_assert!(args::is_scenario(what), "--only cannot name {what}");
         self.only.is_empty() || self.only.iter().any(|o| o == what)
     }
 }
@@ -605,6 +607,7 @@ pub fn run_all(cfg: &Config) -> PathBuf {
             (Dir::GuestToWire, "guest-to-wire"),
             (Dir::WireToGuest, "wire-to-guest"),
         ] {
+            debug_assert!(args::is_direction(what), "--dir cannot name {what}");
             if !cfg.dirs.is_empty() && !cfg.dirs.iter().any(|d| d == what) {
                 continue;
             }
