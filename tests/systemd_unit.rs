@@ -103,6 +103,8 @@ fn the_unit_verifies_clean() {
         "CAP_NET_RAW",
         "CAP_SYS_ADMIN",
         "CAP_IPC_LOCK",
+        // --socket-owner hands sockets to libvirt-qemu.
+        "CAP_CHOWN",
     ] {
         assert!(caps.contains(&c), "CapabilityBoundingSet lacks {c}");
     }
