@@ -127,37 +127,20 @@ counters! {
 }
 
 impl QueueStats {
-    /// Count a frame of `len` bytes whose destination MAC starts with
-    /// `dst0` (its first byte) and is all ones if `bcast`.
-    #[inline]
-    fn bucket(len: usize) -> usize {
-        match len {
-            0..=64 => 0,
-            65..=127 => 1,
-            128..=255 => 2,
-            256..=511 => 3,
-            512..=1023 => 4,
-            1024..=1518 => 5,
-            _ => 6,
-        }
-    }
-
     /// A frame delivered to the guest (`frame`: Ethernet header onwards).
     #[inline]
     pub fn count_rx(&mut self, frame: &[u8]) {
         self.rx_frames += 1;
         self.rx_bytes += frame.len() as u64;
-        let b = Self::bucket(frame.len());
-        let sizes = [
-            &mut self.rx_size_64,
-            &mut self.rx_size_65_127,
-            &mut self.rx_size_128_255,
-            &mut self.rx_size_256_511,
-            &mut self.rx_size_512_1023,
-            &mut self.rx_size_1024_1518,
-            &mut self.rx_size_1519_max,
-        ];
-        *sizes[b] += 1;
+        match frame.len() {
+            0..=64 => self.rx_size_64 += 1,
+            65..=127 => self.rx_size_65_127 += 1,
+            128..=255 => self.rx_size_128_255 += 1,
+            256..=511 => self.rx_size_256_511 += 1,
+            512..=1023 => self.rx_size_512_1023 += 1,
+            1024..=1518 => self.rx_size_1024_1518 += 1,
+            _ => self.rx_size_1519_max += 1,
+        }
         match dest_kind(frame.get(..6)) {
             Dest::Broadcast => self.rx_broadcast += 1,
             Dest::Multicast => self.rx_multicast += 1,
@@ -171,17 +154,15 @@ impl QueueStats {
     pub fn count_tx(&mut self, len: usize, dst: Option<&[u8]>) {
         self.tx_frames += 1;
         self.tx_bytes += len as u64;
-        let b = Self::bucket(len);
-        let sizes = [
-            &mut self.tx_size_64,
-            &mut self.tx_size_65_127,
-            &mut self.tx_size_128_255,
-            &mut self.tx_size_256_511,
-            &mut self.tx_size_512_1023,
-            &mut self.tx_size_1024_1518,
-            &mut self.tx_size_1519_max,
-        ];
-        *sizes[b] += 1;
+        match len {
+            0..=64 => self.tx_size_64 += 1,
+            65..=127 => self.tx_size_65_127 += 1,
+            128..=255 => self.tx_size_128_255 += 1,
+            256..=511 => self.tx_size_256_511 += 1,
+            512..=1023 => self.tx_size_512_1023 += 1,
+            1024..=1518 => self.tx_size_1024_1518 += 1,
+            _ => self.tx_size_1519_max += 1,
+        }
         match dest_kind(dst) {
             Dest::Broadcast => self.tx_broadcast += 1,
             Dest::Multicast => self.tx_multicast += 1,
