@@ -328,6 +328,7 @@ fn frame_waits_for_rx_buffers() {
         g.used(false).is_empty(),
         "partial frame must not be published"
     );
+    assert!(q.stats.rx_no_buffer >= 2, "waited for buffers in both runs");
     let _b1 = g.post_rx(64);
     g.run_event(&mut q);
     let used = g.used(false);
@@ -395,6 +396,12 @@ fn without_mrg_a_too_small_buffer_drops_the_frame() {
     let used = g.used(false);
     assert_eq!(used, vec![(0, 52)], "big frame dropped, buffer reused");
     assert_eq!(q.stats.rx_dropped, 1);
+    let s = q.shared.snapshot();
+    assert_eq!(
+        (s.rx_dropped, s.rx_dropped_oversized),
+        (1, 1),
+        "published, by cause"
+    );
 }
 
 #[test]
@@ -410,6 +417,12 @@ fn malformed_tx_chain_stops_only_that_queue() {
         Some(ChainError::BadAddress { .. })
     ));
     assert_eq!(q.stats.chain_errors, 1);
+    let s = q.shared.snapshot();
+    assert_eq!(
+        (s.chain_errors, s.chain_bad_address),
+        (1, 1),
+        "published, by kind"
+    );
     // The queue stays stopped: a good chain after it is not processed...
     g.tx.next_desc = 1;
     g.send(&frame(60, 0));
@@ -608,6 +621,12 @@ fn frames_queued_without_a_guest_are_discarded() {
     }
     assert_eq!(q.discard_backend_rx(), 5);
     assert_eq!(q.stats.rx_dropped, 5);
+    let s = q.shared.snapshot();
+    assert_eq!(
+        (s.rx_dropped, s.rx_dropped_stale),
+        (5, 5),
+        "published, by cause"
+    );
     g.post_rx(2048);
     g.run_event(&mut q);
     assert!(g.used(false).is_empty(), "nothing stale delivered");
