@@ -856,3 +856,40 @@ fn counters_and_metrics_match_what_testpmd_sent() {
     assert!(!scrape(&addr).contains("port=\"a\""));
     stop_daemon(d);
 }
+
+#[test]
+#[ignore = "needs root, dpdk-testpmd, hugepages"]
+fn event_mode_counts_kicks_and_suppressed_interrupts() {
+    if let Some(why) = dpdk::missing_prerequisite() {
+        panic!("testpmd test cannot run: {why}");
+    }
+    let _one_at_a_time = dpdk::exclusive();
+    let dir = TempDir::new();
+    // Event mode: the worker sleeps until testpmd kicks.
+    let d = Vfrelay::daemon(&dir.join("control.sock"), &["--workers", "0"]);
+    let sock = dir.join("a.sock");
+    add_port(&d, "a", &sock, &[]);
+    let eal = dpdk::virtio_user_eal(&sock, 1);
+    let mut tp = Testpmd::spawn("virtio-user", &eal, &dpdk::app_args(1), secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cmd = |tp: &mut Testpmd, c: &str| tp.cmd(c, secs(10)).unwrap_or_else(|e| panic!("{e}"));
+    cmd(&mut tp, "set fwd mac retry");
+    cmd(&mut tp, "start tx_first");
+    tp.wait_stats(0, "traffic", secs(60), secs(15), |s| s.tx_packets >= 20_000);
+    cmd(&mut tp, "stop");
+    let s = tp.drain(0);
+    assert_exact("port a", &s);
+    std::thread::sleep(Duration::from_millis(1500));
+    let ports = d.ctl_list(&["stats", "a", "--json"], "ports");
+    let t = &ports[0]["total"];
+    let get = |k: &str| t[k].as_u64().unwrap_or_else(|| panic!("no {k}: {t}"));
+    // testpmd polls and asks for no interrupts: every used-ring update is
+    // a suppressed interrupt, and none is sent.
+    assert!(get("kicks") > 0, "{t}");
+    assert!(get("interrupts_suppressed") > 0, "{t}");
+    assert_eq!(get("interrupts"), 0, "{t}");
+    assert_eq!(get("tx_frames"), s.tx_packets);
+    let st = tp.quit(secs(30)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(st.success(), "testpmd exit: {st}");
+    stop_daemon(d);
+}
