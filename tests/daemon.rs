@@ -143,6 +143,25 @@ fn assert_no_fwd_drops(stop_out: &str) {
     }
 }
 
+/// A testpmd command that must succeed.
+fn tp_cmd(tp: &mut Testpmd, c: &str) -> String {
+    tp.cmd(c, secs(10)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// testpmd on one virtio-user port at `sock`, sending its frames back
+/// (`set fwd mac retry`, `start tx_first`) after the `setup` commands;
+/// returns once `min` frames went out, with the counters then.
+fn counted_stream(sock: &Path, setup: &[&str], what: &str, min: u64) -> (Testpmd, PortStats) {
+    let eal = dpdk::virtio_user_eal(sock, 1);
+    let mut tp = Testpmd::spawn("virtio-user", &eal, &dpdk::app_args(1), secs(60))
+        .unwrap_or_else(|e| panic!("{e}"));
+    for c in setup.iter().chain(&["set fwd mac retry", "start tx_first"]) {
+        tp_cmd(&mut tp, c);
+    }
+    let s = tp.wait_stats(0, what, secs(60), secs(15), |s| s.tx_packets >= min);
+    (tp, s)
+}
+
 #[test]
 #[ignore = "starts a vfrelay daemon (worker pinned to CPU 0)"]
 fn control_errors_get_jsonrpc_errors_and_the_daemon_goes_on() {
@@ -319,7 +338,6 @@ fn testpmd_32_ports_on_one_worker() {
     ]);
     let mut tp =
         Testpmd::spawn("virtio-user x32", &eal, &app, secs(120)).unwrap_or_else(|e| panic!("{e}"));
-    let cmd = |tp: &mut Testpmd, c: &str| tp.cmd(c, secs(10)).unwrap_or_else(|e| panic!("{e}"));
     let all = |tp: &mut Testpmd| {
         let v = tp.all_port_stats().unwrap_or_else(|e| panic!("{e}"));
         let ids: Vec<u16> = v.iter().map(|(id, _)| *id).collect();
@@ -328,8 +346,8 @@ fn testpmd_32_ports_on_one_worker() {
     };
     let total = |v: &[PortStats]| v.iter().map(|s| s.tx_packets).sum::<u64>();
 
-    cmd(&mut tp, "set fwd mac retry");
-    cmd(&mut tp, &format!("start tx_first {BURSTS}"));
+    tp_cmd(&mut tp, "set fwd mac retry");
+    tp_cmd(&mut tp, &format!("start tx_first {BURSTS}"));
     let target = PORTS as u64 * 20_000;
     let (start, stall) = (Instant::now(), secs(15));
     let mut last = all(&mut tp);
@@ -364,18 +382,18 @@ fn testpmd_32_ports_on_one_worker() {
         assert_eq!(p["connected"], true, "testpmd is connected: {p}");
     }
 
-    let fwd = cmd(&mut tp, "stop");
+    let fwd = tp_cmd(&mut tp, "stop");
     assert_no_fwd_drops(&fwd);
     // Receive what is still in flight.
-    cmd(&mut tp, "set fwd rxonly");
-    cmd(&mut tp, "start");
+    tp_cmd(&mut tp, "set fwd rxonly");
+    tp_cmd(&mut tp, "start");
     let drained = Instant::now();
     let ok = wait_until(secs(10), || {
         let v = all(&mut tp);
         drained.elapsed() > Duration::from_millis(300)
             && v.iter().all(|s| s.rx_packets >= s.tx_packets)
     });
-    cmd(&mut tp, "stop");
+    tp_cmd(&mut tp, "stop");
     let fin = all(&mut tp);
     assert!(ok, "drain: not all frames came back: {fin:?}");
     for (i, s) in fin.iter().enumerate() {
@@ -418,16 +436,7 @@ fn churn_does_not_disturb_a_running_port() {
     let sock = dir.join("a.sock");
     add_port(&d, "a", &sock, &[]);
 
-    let eal = dpdk::virtio_user_eal(&sock, 1);
-    let app = dpdk::app_args(1);
-    let mut tp =
-        Testpmd::spawn("virtio-user", &eal, &app, secs(60)).unwrap_or_else(|e| panic!("{e}"));
-    let cmd = |tp: &mut Testpmd, c: &str| tp.cmd(c, secs(10)).unwrap_or_else(|e| panic!("{e}"));
-    cmd(&mut tp, "set fwd mac retry");
-    cmd(&mut tp, "start tx_first");
-    let mut prev = tp.wait_stats(0, "warm-up", secs(60), secs(15), |s| {
-        s.tx_packets >= 100_000
-    });
+    let (mut tp, mut prev) = counted_stream(&sock, &[], "warm-up", 100_000);
 
     const ROUNDS: usize = 20;
     const CHURN: usize = 5;
@@ -464,7 +473,7 @@ fn churn_does_not_disturb_a_running_port() {
         "churned queue pairs left on the worker: {ws:?}"
     );
 
-    let fwd = cmd(&mut tp, "stop");
+    let fwd = tp_cmd(&mut tp, "stop");
     assert_no_fwd_drops(&fwd);
     let s = tp.drain(0);
     eprintln!("testpmd: final {s:?}");
@@ -524,6 +533,13 @@ fn state_file_brings_the_ports_back_after_sigkill() {
 
     d.kill();
     let mut d = Vfrelay::daemon(&control, &args);
+    // The killed daemon's socket file is still there until the new one
+    // replaces it: ready is when it answers.
+    assert!(
+        wait_until(secs(10), || d.ctl(&["port", "list"]).0 == 0),
+        "restarted daemon does not answer\n{}",
+        d.log_text()
+    );
     assert_eq!(
         ports_by_name(&d),
         before,
@@ -533,16 +549,8 @@ fn state_file_brings_the_ports_back_after_sigkill() {
     d.wait_for_socket(&a, secs(10));
 
     // The restored port carries traffic, every frame back.
-    let eal = dpdk::virtio_user_eal(&a, 1);
-    let mut tp = Testpmd::spawn("virtio-user", &eal, &dpdk::app_args(1), secs(60))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let cmd = |tp: &mut Testpmd, c: &str| tp.cmd(c, secs(10)).unwrap_or_else(|e| panic!("{e}"));
-    cmd(&mut tp, "set fwd mac retry");
-    cmd(&mut tp, "start tx_first");
-    tp.wait_stats(0, "after restart", secs(60), secs(15), |s| {
-        s.tx_packets >= 10_000
-    });
-    let fwd = cmd(&mut tp, "stop");
+    let (mut tp, _) = counted_stream(&a, &[], "after restart", 10_000);
+    let fwd = tp_cmd(&mut tp, "stop");
     assert_no_fwd_drops(&fwd);
     assert_exact("restored port a", &tp.drain(0));
     let st = tp.quit(secs(30)).unwrap_or_else(|e| panic!("{e}"));
@@ -789,15 +797,8 @@ fn counters_and_metrics_match_what_testpmd_sent() {
     );
     let sock = dir.join("a.sock");
     add_port(&d, "a", &sock, &[]);
-    let eal = dpdk::virtio_user_eal(&sock, 1);
-    let mut tp = Testpmd::spawn("virtio-user", &eal, &dpdk::app_args(1), secs(60))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let cmd = |tp: &mut Testpmd, c: &str| tp.cmd(c, secs(10)).unwrap_or_else(|e| panic!("{e}"));
     // 200-byte frames: all in the 128-255 bucket.
-    cmd(&mut tp, "set txpkts 200");
-    cmd(&mut tp, "set fwd mac retry");
-    cmd(&mut tp, "start tx_first");
-    tp.wait_stats(0, "warm-up", secs(60), secs(15), |s| s.tx_packets >= 20_000);
+    let (mut tp, _) = counted_stream(&sock, &["set txpkts 200"], "warm-up", 20_000);
     // Scraped under traffic: the counters move between two scrapes.
     let tx = "vfrelay_tx_frames_total{port=\"a\",queue=\"0\"}";
     let first = series(&scrape(&addr), tx);
@@ -805,7 +806,7 @@ fn counters_and_metrics_match_what_testpmd_sent() {
     let second = series(&scrape(&addr), tx);
     assert!(second > first && first > 0, "{first} -> {second}");
 
-    let fwd = cmd(&mut tp, "stop");
+    let fwd = tp_cmd(&mut tp, "stop");
     assert_no_fwd_drops(&fwd);
     let s = tp.drain(0);
     assert_exact("port a", &s);
@@ -869,14 +870,8 @@ fn event_mode_counts_kicks_and_suppressed_interrupts() {
     let d = Vfrelay::daemon(&dir.join("control.sock"), &["--workers", "0"]);
     let sock = dir.join("a.sock");
     add_port(&d, "a", &sock, &[]);
-    let eal = dpdk::virtio_user_eal(&sock, 1);
-    let mut tp = Testpmd::spawn("virtio-user", &eal, &dpdk::app_args(1), secs(60))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let cmd = |tp: &mut Testpmd, c: &str| tp.cmd(c, secs(10)).unwrap_or_else(|e| panic!("{e}"));
-    cmd(&mut tp, "set fwd mac retry");
-    cmd(&mut tp, "start tx_first");
-    tp.wait_stats(0, "traffic", secs(60), secs(15), |s| s.tx_packets >= 20_000);
-    cmd(&mut tp, "stop");
+    let (mut tp, _) = counted_stream(&sock, &[], "traffic", 20_000);
+    tp_cmd(&mut tp, "stop");
     let s = tp.drain(0);
     assert_exact("port a", &s);
     std::thread::sleep(Duration::from_millis(1500));
