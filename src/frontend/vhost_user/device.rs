@@ -186,14 +186,17 @@ impl Device {
             });
             if let Some(st) = got {
                 info!(
-                    "{}: queue pair {i}: rx {} frames {} bytes, tx {} frames {} bytes, \
-                     dropped {}, chain errors {}, backend rx {} tx {} dropped {}/{}",
+                    "{}: queue pair {i} stats: rx_frames={} rx_bytes={} rx_dropped={} \
+                     tx_frames={} tx_bytes={} tx_errors={} chain_errors={} \
+                     backend_rx_frames={} backend_tx_frames={} backend_rx_dropped={} \
+                     backend_tx_dropped={}",
                     self.name,
                     st.rx_frames,
                     st.rx_bytes,
+                    st.rx_dropped,
                     st.tx_frames,
                     st.tx_bytes,
-                    st.rx_dropped,
+                    st.tx_errors,
                     st.chain_errors,
                     st.backend_rx_frames,
                     st.backend_tx_frames,
