@@ -36,17 +36,15 @@ mod common;
 
 use common::guest::{json_field, Guest, GuestConfig, MigrateParams, DEFAULT_MAC};
 use common::netns::Netns;
+use common::udp::{read_stats, rx_grows, start_checker, stat, summary, Sender, Stats, STATS};
 use common::vfrelay::Vfrelay;
-use common::{repo_root, secs, unique_name, wait_until, TempDir};
+use common::{secs, unique_name, wait_until, TempDir};
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 const GUEST_IP: &str = "10.77.20.2";
 const PEER_IP: &str = "10.77.20.1";
 const PORT: u16 = 5555;
-const STATS: &str = "/tmp/udpcheck.stats";
 const MIGRATIONS: usize = 3;
 /// Most migrations the negative test tries before calling the harness blind.
 const NEGATIVE_ROUNDS: usize = 8;
@@ -146,93 +144,6 @@ impl Topology {
         cfg.mem_mb = 256;
         cfg
     }
-}
-
-/// The sender process (in the namespace); SIGTERM on drop.
-struct Sender {
-    child: Child,
-}
-
-impl Sender {
-    fn start(ns: &Netns, args: &[String]) -> Sender {
-        let script = repo_root().join("tests/guest-tools/udpsend.py");
-        let child = ns
-            .command("python3")
-            .arg(script)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("cannot start udpsend.py");
-        Sender { child }
-    }
-
-    /// Stops it (SIGTERM) and returns its summary line and stderr.
-    fn stop(mut self) -> String {
-        // SAFETY: kill(2) on our own unreaped child.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let child = &mut self.child;
-        if !wait_until(secs(5), || matches!(child.try_wait(), Ok(Some(_)))) {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-        let mut out = String::new();
-        if let Some(mut o) = self.child.stdout.take() {
-            let _ = o.read_to_string(&mut out);
-        }
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = e.read_to_string(&mut out);
-        }
-        out.trim().to_string()
-    }
-}
-
-impl Drop for Sender {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-type Stats = BTreeMap<String, String>;
-
-fn stat(s: &Stats, key: &str) -> u64 {
-    s.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
-}
-
-/// The checker's counters, read over the console; `None` if the guest does
-/// not answer (a broken guest is a finding, not a harness error).
-fn read_stats(guest: &mut Guest) -> Option<Stats> {
-    let (st, out) = guest.try_run_timeout(&format!("cat {STATS}"), secs(30))?;
-    if st != 0 {
-        return None;
-    }
-    Some(
-        out.lines()
-            .filter_map(|l| {
-                let (k, v) = l.split_once(' ')?;
-                Some((k.to_string(), v.trim().to_string()))
-            })
-            .collect(),
-    )
-}
-
-fn summary(s: &Stats) -> String {
-    [
-        "received",
-        "corrupt",
-        "duplicate",
-        "out_of_order",
-        "gaps",
-        "out_of_range",
-        "max_seq",
-        "last_bad",
-    ]
-    .iter()
-    .map(|k| format!("{k}={}", s.get(*k).map(String::as_str).unwrap_or("?")))
-    .collect::<Vec<_>>()
-    .join(" ")
 }
 
 /// How RX came back on the destination.
@@ -452,22 +363,6 @@ fn rx_backlog(on: bool) -> String {
     )
 }
 
-/// Waits up to `timeout` for the checker's `received` to pass `base`.
-/// `Some(None)` when the console died.
-fn rx_grows(guest: &mut Guest, base: u64, timeout: Duration) -> Option<bool> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let s = read_stats(guest)?;
-        if stat(&s, "received") > base {
-            return Some(true);
-        }
-        if Instant::now() >= deadline {
-            return Some(false);
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
 /// Guest kernel counters that grow when a frame arrives damaged before
 /// it reaches udpcheck: a stale buffer (old bytes, stale virtio-net header
 /// or IP length) is dropped by virtio_net, IP or UDP rather than delivered.
@@ -556,16 +451,7 @@ fn migrate_under_load(mode: Mode, rounds: usize, stop_at_damage: bool) -> Report
 
     let mut side = 0;
     let mut guest = Guest::boot(&topo.config(mode, side));
-    guest.ok(&format!(
-        "udpcheck -p {PORT} -o {STATS} </dev/null >/tmp/udpcheck.log 2>&1 &"
-    ));
-    let (st, out) = guest.retry(&format!("test -s {STATS}"), secs(10));
-    assert_eq!(
-        st,
-        0,
-        "udpcheck did not start:\n{out}{}",
-        guest.run("cat /tmp/udpcheck.log; ps").1
-    );
+    start_checker(&mut guest, PORT);
     // Learns ARP both ways and checks the path before the stream starts.
     let (st, out) = guest.retry(&format!("ping -c 1 -W 2 {PEER_IP}"), secs(30));
     assert_eq!(

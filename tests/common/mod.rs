@@ -18,6 +18,7 @@
 pub mod dpdk;
 pub mod guest;
 pub mod netns;
+pub mod udp;
 pub mod vfrelay;
 pub mod wire;
 
