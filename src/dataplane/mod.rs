@@ -97,6 +97,14 @@ impl RingSlot {
                     );
                     self.ring = Some(r);
                     self.mem = Some(mem.clone());
+                    // Interrupt once whenever a ring (re)starts. A back end
+                    // that died after publishing used entries but before
+                    // the interrupt leaves a guest waiting for it, with no
+                    // RX buffers posted: nobody would ever move again
+                    // (seen after SIGKILL and restart). A spurious
+                    // interrupt costs the driver one look. (vhost-user also
+                    // does it when a call fd arrives for a running ring.)
+                    ctl.signal();
                 }
                 Err(e) => {
                     self.fail(ctl, what, &e, stats);

@@ -189,7 +189,7 @@ impl Device {
                     "{}: queue pair {i} stats: rx_frames={} rx_bytes={} rx_dropped={} \
                      tx_frames={} tx_bytes={} tx_errors={} chain_errors={} \
                      backend_rx_frames={} backend_tx_frames={} backend_rx_dropped={} \
-                     backend_tx_dropped={}",
+                     backend_tx_dropped={} rx_no_buffer={} kicks={} interrupts={}",
                     self.name,
                     st.rx_frames,
                     st.rx_bytes,
@@ -201,7 +201,10 @@ impl Device {
                     st.backend_rx_frames,
                     st.backend_tx_frames,
                     st.backend_rx_dropped,
-                    st.backend_tx_dropped
+                    st.backend_tx_dropped,
+                    st.rx_no_buffer,
+                    st.kicks,
+                    st.interrupts
                 );
             }
         }
@@ -285,7 +288,18 @@ impl Device {
             }
             SET_VRING_CALL => {
                 let (v, fd) = self.vring_fd(r)?;
-                self.qp_of(v).apply(move |s| s.vring_mut(v).call = fd);
+                self.qp_of(v).apply(move |s| {
+                    let vr = s.vring_mut(v);
+                    vr.call = fd;
+                    // QEMU hands the interrupt fd it really listens on
+                    // after the ring started (also on reconnect): interrupt
+                    // once through it, so a guest left waiting by a back end
+                    // that died between publishing used entries and
+                    // signalling looks at its ring.
+                    if crate::dataplane::RingCtl::active(vr) {
+                        crate::dataplane::RingCtl::signal(vr);
+                    }
+                });
                 Ok(None)
             }
             SET_VRING_ERR => {
