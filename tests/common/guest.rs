@@ -778,11 +778,14 @@ impl Guest {
 
     /// Console and QEMU stderr, for failure messages.
     pub fn transcript(&self) -> String {
+        let stderr = match self.child {
+            Some(_) => self.qemu_stderr(),
+            None => "(not ours: attached to a console)".to_string(),
+        };
         format!(
-            "--- guest {} console ---\n{}\n--- qemu stderr ---\n{}\n--- end guest {} ---",
+            "--- guest {} console ---\n{}\n--- qemu stderr ---\n{stderr}\n--- end guest {} ---",
             self.name,
             self.console(),
-            self.qemu_stderr(),
             self.name
         )
     }
