@@ -10,6 +10,9 @@
 //! QEMU is killed on drop; while a test panics, drop also prints the console
 //! transcript and QEMU's stderr.
 //!
+//! [`Guest::attach`] drives the same guest started by someone else (a
+//! libvirt domain) through a unix socket on its serial console instead.
+//!
 //! Live migration: every QEMU gets a QMP socket in its own temp directory
 //! ([`Guest::qmp`], a small [`Qmp`] client). [`Guest::incoming`] starts a
 //! second QEMU with the same config waiting on `-incoming unix:...`;
@@ -22,7 +25,7 @@ use super::{repo_root, secs, unique_name, TempDir};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex, Once};
 use std::time::{Duration, Instant};
 
@@ -222,11 +225,16 @@ struct Console {
 
 type Shared = Arc<(Mutex<Console>, Condvar)>;
 
-/// A running guest. Killed on drop.
+/// A running guest. Killed on drop (if this `Guest` started its QEMU).
 pub struct Guest {
     name: String,
-    child: Child,
-    stdin: Option<ChildStdin>,
+    /// QEMU, when this `Guest` started it; `None` for [`Guest::attach`].
+    child: Option<Child>,
+    /// Where console input goes: QEMU's stdin or the console socket.
+    stdin: Option<Box<dyn Write + Send>>,
+    /// The console socket of an attached guest, shut down on stop so the
+    /// reader thread ends.
+    socket: Option<UnixStream>,
     console: Shared,
     stderr: Arc<Mutex<Vec<u8>>>,
     seq: u32,
@@ -242,24 +250,52 @@ impl Guest {
     /// transcript) if it does not come up within `cfg.boot_timeout`.
     pub fn boot(cfg: &GuestConfig) -> Guest {
         let mut guest = Guest::spawn(cfg, &[]);
+        guest.wait_ready(cfg.boot_timeout);
+        guest
+    }
+
+    /// Drives a guest that something else started (a libvirt domain) over
+    /// `console`, a connection to its serial console made before the guest
+    /// ran (so no byte of its boot is lost), and waits for its shell like
+    /// [`boot`](Self::boot). Dropping it closes the connection only.
+    pub fn attach(name: &str, console: UnixStream, boot_timeout: Duration) -> Guest {
+        let reader = console.try_clone().expect("clone console socket");
+        let writer = console.try_clone().expect("clone console socket");
+        let mut guest = Guest {
+            name: name.to_string(),
+            child: None,
+            stdin: Some(Box::new(writer)),
+            socket: Some(console),
+            console: read_console(reader),
+            stderr: Arc::new(Mutex::new(Vec::new())),
+            seq: 0,
+            consumed: 0,
+            dir: TempDir::new(),
+            qmp: None,
+        };
+        guest.wait_ready(boot_timeout);
+        guest
+    }
+
+    /// Waits for `READY` and a first answer from the shell; panics with the
+    /// transcript after `timeout`.
+    fn wait_ready(&mut self, timeout: Duration) {
         let started = Instant::now();
-        match guest.wait_for(READY, 0, cfg.boot_timeout) {
-            Some(end) => guest.consumed = end,
+        match self.wait_for(READY, 0, timeout) {
+            Some(end) => self.consumed = end,
             None => panic!(
-                "guest {} did not boot within {:?}\n{}",
-                guest.name,
-                cfg.boot_timeout,
-                guest.transcript()
+                "guest {} did not boot within {timeout:?}\n{}",
+                self.name,
+                self.transcript()
             ),
         }
         // The shell is up once it answers.
-        guest.ok("true");
+        self.ok("true");
         eprintln!(
             "guest {}: shell ready after {:.1}s",
-            guest.name,
+            self.name,
             started.elapsed().as_secs_f64()
         );
-        guest
     }
 
     /// Starts a migration destination: QEMU with the same devices as `cfg`
@@ -385,42 +421,18 @@ impl Guest {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start qemu-system-x86_64: {e}"));
 
-        let console: Shared = Arc::new((Mutex::new(Console::default()), Condvar::new()));
-        let mut out = child.stdout.take().unwrap();
-        let c = console.clone();
-        std::thread::spawn(move || {
-            let mut chunk = [0u8; 4096];
-            loop {
-                let n = out.read(&mut chunk).unwrap_or(0);
-                let (lock, cv) = &*c;
-                let mut con = lock.lock().unwrap();
-                if n == 0 {
-                    con.eof = true;
-                    cv.notify_all();
-                    return;
-                }
-                con.buf.extend_from_slice(&chunk[..n]);
-                cv.notify_all();
-            }
-        });
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let mut err = child.stderr.take().unwrap();
-        let e = stderr.clone();
-        std::thread::spawn(move || {
-            let mut chunk = [0u8; 4096];
-            while let Ok(n) = err.read(&mut chunk) {
-                if n == 0 {
-                    return;
-                }
-                e.lock().unwrap().extend_from_slice(&chunk[..n]);
-            }
-        });
+        let console = read_console(child.stdout.take().unwrap());
+        let stderr = super::collect_output(vec![Box::new(child.stderr.take().unwrap())]);
 
-        let stdin = child.stdin.take();
+        let stdin = child
+            .stdin
+            .take()
+            .map(|s| Box::new(s) as Box<dyn Write + Send>);
         Guest {
             name,
-            child,
+            child: Some(child),
             stdin,
+            socket: None,
             console,
             stderr,
             seq: 0,
@@ -741,14 +753,17 @@ impl Guest {
         } else if let Ok(mut q) = Qmp::connect(&self.dir.join("qmp.sock"), secs(5)) {
             let _ = q.execute("quit", "{}");
         }
-        let child = &mut self.child;
-        super::wait_until(secs(10), || matches!(child.try_wait(), Ok(Some(_))));
+        super::wait_until(secs(10), || !self.is_running());
         self.stop();
     }
 
     /// QEMU's process id (`ip netns exec` execs QEMU, so also with a netns).
+    /// Panics for an attached guest, whose QEMU this `Guest` did not start.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child
+            .as_ref()
+            .expect("attached guest: no QEMU child")
+            .id()
     }
 
     /// Everything the guest printed so far (`\r` removed).
@@ -763,18 +778,24 @@ impl Guest {
 
     /// Console and QEMU stderr, for failure messages.
     pub fn transcript(&self) -> String {
+        let stderr = match self.child {
+            Some(_) => self.qemu_stderr(),
+            None => "(not ours: attached to a console)".to_string(),
+        };
         format!(
-            "--- guest {} console ---\n{}\n--- qemu stderr ---\n{}\n--- end guest {} ---",
+            "--- guest {} console ---\n{}\n--- qemu stderr ---\n{stderr}\n--- end guest {} ---",
             self.name,
             self.console(),
-            self.qemu_stderr(),
             self.name
         )
     }
 
-    /// True while QEMU runs.
+    /// True while QEMU runs (attached: while its console is open).
     pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => !self.console.0.lock().unwrap().eof,
+        }
     }
 
     /// Kills QEMU (SIGKILL: the vhost-user back end sees an abrupt
@@ -785,8 +806,13 @@ impl Guest {
 
     fn stop(&mut self) {
         self.stdin.take();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(sock) = self.socket.take() {
+            let _ = sock.shutdown(std::net::Shutdown::Both);
+        }
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -917,6 +943,29 @@ pub fn json_field(json: &str, key: &str) -> Option<String> {
             .unwrap_or(rest.len());
         Some(rest[..end].to_string())
     }
+}
+
+/// Collects everything `out` (the console) yields into a [`Shared`] buffer
+/// on a thread of its own; `eof` once it closes.
+fn read_console(mut out: impl Read + Send + 'static) -> Shared {
+    let console: Shared = Arc::new((Mutex::new(Console::default()), Condvar::new()));
+    let c = console.clone();
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = out.read(&mut chunk).unwrap_or(0);
+            let (lock, cv) = &*c;
+            let mut con = lock.lock().unwrap();
+            if n == 0 {
+                con.eof = true;
+                cv.notify_all();
+                return;
+            }
+            con.buf.extend_from_slice(&chunk[..n]);
+            cv.notify_all();
+        }
+    });
+    console
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {

@@ -5,6 +5,7 @@
 //! - [`guest`]: the tier-3 QEMU guest built by `scripts/build-guest.sh`,
 //!   driven through its serial console.
 //! - [`vfrelay`]: the `vfrelay` binary as a child process guard.
+//! - [`libvirt`]: a private libvirtd run by the test, and virsh against it.
 //! - [`wire`]: a raw-socket peer on a tap in a namespace (ARP, ping, UDP,
 //!   VLAN tags), the far end of an emulated NIC.
 //!
@@ -17,14 +18,17 @@
 
 pub mod dpdk;
 pub mod guest;
+pub mod libvirt;
 pub mod netns;
 pub mod udp;
 pub mod vfrelay;
 pub mod wire;
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Prefix of every object a test creates (namespaces, links, directories).
@@ -73,6 +77,25 @@ pub fn run_ok(prog: &str, args: &[&str]) -> String {
         );
     }
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Appends everything `pipes` yield (a child's stdout and stderr, say) to
+/// one shared log, a thread per pipe.
+pub fn collect_output(pipes: Vec<Box<dyn Read + Send>>) -> Arc<Mutex<Vec<u8>>> {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    for mut pipe in pipes {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut chunk) {
+                if n == 0 {
+                    return;
+                }
+                log.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+    }
+    log
 }
 
 /// Polls `cond` every 50 ms until it holds or `timeout` passes.

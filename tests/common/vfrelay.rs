@@ -68,23 +68,10 @@ impl Vfrelay {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {exe}: {e}"));
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let pipes: Vec<Box<dyn Read + Send>> = vec![
+        let log = super::collect_output(vec![
             Box::new(child.stdout.take().unwrap()),
             Box::new(child.stderr.take().unwrap()),
-        ];
-        for mut pipe in pipes {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                let mut chunk = [0u8; 4096];
-                while let Ok(n) = pipe.read(&mut chunk) {
-                    if n == 0 {
-                        return;
-                    }
-                    log.lock().unwrap().extend_from_slice(&chunk[..n]);
-                }
-            });
-        }
+        ]);
         Vfrelay {
             child,
             log,
