@@ -284,7 +284,11 @@ pub struct Owner {
 
 /// Look a user or group up with the reentrant libc call `f`
 /// (getpwnam_r or getgrnam_r); the id comes out of `id` once found.
-fn lookup<T>(
+///
+/// # Safety
+/// `T` must be the C struct `f` fills (libc's `passwd` for getpwnam_r,
+/// `group` for getgrnam_r): plain data for which all-zero bytes are valid.
+unsafe fn lookup<T>(
     name: &str,
     what: &str,
     f: unsafe extern "C" fn(
@@ -300,32 +304,36 @@ fn lookup<T>(
         return Ok(n);
     }
     let cname = std::ffi::CString::new(name).map_err(|_| format!("{what} '{name}': bad name"))?;
-    let mut buf = vec![0 as libc::c_char; 16384];
-    // SAFETY: T is libc's passwd or group, plain C data for which all-zero
-    // bytes are a valid value.
-    let mut entry: T = unsafe { std::mem::zeroed() };
-    let mut found: *mut T = std::ptr::null_mut();
-    // SAFETY: every pointer is valid for the call; the strings `entry`
-    // points into live in `buf`, which outlives the only read (`id`).
-    let rc = unsafe {
-        f(
-            cname.as_ptr(),
-            &mut entry,
-            buf.as_mut_ptr(),
-            buf.len(),
-            &mut found,
-        )
-    };
-    if rc != 0 {
-        return Err(format!(
-            "{what} '{name}': {}",
-            io::Error::from_raw_os_error(rc)
-        ));
+    // Large groups (a directory service) need more than the usual 16 KiB.
+    let mut len = 16 << 10;
+    loop {
+        let mut buf = vec![0 as libc::c_char; len];
+        // SAFETY: the caller's promise on T.
+        let mut entry: T = unsafe { std::mem::zeroed() };
+        let mut found: *mut T = std::ptr::null_mut();
+        // SAFETY: every pointer is valid for the call; the strings `entry`
+        // points into live in `buf`, which outlives the only read (`id`).
+        let rc = unsafe {
+            f(
+                cname.as_ptr(),
+                &mut entry,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut found,
+            )
+        };
+        match rc {
+            libc::ERANGE if len < 16 << 20 => len *= 4,
+            0 if !found.is_null() => return Ok(id(&entry)),
+            0 | libc::ENOENT | libc::ESRCH => return Err(format!("no {what} named '{name}'")),
+            e => {
+                return Err(format!(
+                    "{what} '{name}': {}",
+                    io::Error::from_raw_os_error(e)
+                ))
+            }
+        }
     }
-    if found.is_null() {
-        return Err(format!("no {what} named '{name}'"));
-    }
-    Ok(id(&entry))
 }
 
 pub fn parse_owner(s: &str) -> Result<Owner, String> {
@@ -337,13 +345,15 @@ pub fn parse_owner(s: &str) -> Result<Owner, String> {
         return Err(format!("'{s}' is not USER[:GROUP] or :GROUP"));
     }
     let uid = (!user.is_empty())
-        .then(|| lookup(user, "user", libc::getpwnam_r, |p: &libc::passwd| p.pw_uid))
+        // SAFETY: passwd is what getpwnam_r fills.
+        .then(|| unsafe { lookup(user, "user", libc::getpwnam_r, |p: &libc::passwd| p.pw_uid) })
         .transpose()?;
     let gid = match group {
         Some("") => return Err(format!("'{s}': empty group after ':'")),
-        Some(g) => Some(lookup(g, "group", libc::getgrnam_r, |g: &libc::group| {
-            g.gr_gid
-        })?),
+        // SAFETY: group is what getgrnam_r fills.
+        Some(g) => {
+            Some(unsafe { lookup(g, "group", libc::getgrnam_r, |g: &libc::group| g.gr_gid) }?)
+        }
         None => None,
     };
     Ok(Owner {
@@ -372,18 +382,73 @@ impl SocketAccess {
         self.mode.map(|m| format!("{m:04o}"))
     }
 
-    /// Give the socket at `path` its owner and mode.
+    /// Give the socket at `path` its mode, then its owner (root may change
+    /// the mode of a file it owns without CAP_FOWNER; after the chown it
+    /// could not). Both act on the inode opened without following
+    /// symlinks, so a path swapped for a link by someone who can write the
+    /// directory cannot make root chmod or chown another file.
     pub fn apply(&self, path: &Path) -> io::Result<()> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        use std::os::unix::ffi::OsStrExt;
         let fail = |what: &str, e: io::Error| {
             io::Error::new(e.kind(), format!("socket {}: {what}: {e}", path.display()))
         };
-        if let Some(o) = &self.owner {
-            std::os::unix::fs::chown(path, o.uid, o.gid)
-                .map_err(|e| fail(&format!("owner {}", o.spec), e))?;
+        if self.is_default() {
+            return Ok(());
+        }
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+            .map_err(|e| fail("path", io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+        // SAFETY: a valid C string; the fd returned is owned below.
+        let raw = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if raw < 0 {
+            return Err(fail("open", io::Error::last_os_error()));
+        }
+        // SAFETY: raw is a fresh fd nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: fstat writes into a zeroed stat we own.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: our fd, and a stat buffer of the right type.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            return Err(fail("stat", io::Error::last_os_error()));
+        }
+        if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+            return Err(fail(
+                "owner and mode",
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "no longer the socket just bound",
+                ),
+            ));
         }
         if let Some(m) = self.mode {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(m))
+            // chmod through the fd's /proc link reaches the opened inode.
+            let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+            std::fs::set_permissions(&link, std::fs::Permissions::from_mode(m))
                 .map_err(|e| fail(&format!("mode {m:04o}"), e))?;
+        }
+        if let Some(o) = &self.owner {
+            let id = |v: Option<u32>| v.unwrap_or(u32::MAX);
+            // SAFETY: fchownat on our fd with an empty path (AT_EMPTY_PATH).
+            let rc = unsafe {
+                libc::fchownat(
+                    fd.as_raw_fd(),
+                    c"".as_ptr(),
+                    id(o.uid),
+                    id(o.gid),
+                    libc::AT_EMPTY_PATH,
+                )
+            };
+            if rc != 0 {
+                return Err(fail(
+                    &format!("owner {}", o.spec),
+                    io::Error::last_os_error(),
+                ));
+            }
         }
         Ok(())
     }
