@@ -1,8 +1,10 @@
 //! Per-queue-pair counters.
 //!
 //! The worker that owns a queue pair counts in plain integers
-//! ([`QueueStats`], no atomics per frame) and after each round that changed
-//! them copies them into a [`SharedStats`], one relaxed atomic per counter.
+//! ([`QueueStats`], no atomics per frame) and copies them into a
+//! [`SharedStats`], one relaxed atomic per counter, after each round that
+//! moved frames or counted something else, and once a second with the
+//! backend's own counters (reading those may be a syscall).
 //! `vfrelay stats` and the metrics endpoint read that copy: no lock, no
 //! command to the worker, nothing a worker waits on.
 //!
@@ -91,8 +93,8 @@ counters! {
         "Frames for the guest dropped, by cause: larger than its buffers can take (oversized), shorter than a virtio-net header (short), or queued in the backend while no guest was attached (stale).",
     rx_dropped_short = "rx_dropped_frames" {"cause" = "short"}: "",
     rx_dropped_stale = "rx_dropped_frames" {"cause" = "stale"}: "",
-    rx_no_buffer = "rx_no_buffer": "Times frames waited in the backend because the guest had no RX buffers free.",
-    tx_backend_full = "tx_backend_full": "Times the guest's TX waited because the backend had no room.",
+    rx_no_buffer = "rx_no_buffer": "RX bursts that stopped with frames waiting in the backend because the guest had no RX buffers free (a busy-polling worker counts every round it finds none).",
+    tx_backend_full = "tx_backend_full": "TX bursts that stopped because the backend had no room (counted every round while it lasts).",
     rx_errors = "rx_errors": "Backend receive errors.",
     tx_errors = "tx_errors": "Frames the backend refused with an error (dropped).",
     kicks = "kicks": "Guest kicks (notifications) received.",
@@ -123,7 +125,7 @@ counters! {
     backend_tx_dropped = "backend_tx_dropped": "Frames the backend could not send (malformed, refused by the kernel).",
     backend_tx_write_errors = "backend_tx_write_errors": "tap: writes the kernel refused with an error.",
     backend_fill_shortfall = "backend_fill_shortfall": "AF_XDP: frames that could not go back on the fill ring at once.",
-    backend_completion_shortfall = "backend_completion_shortfall": "AF_XDP: times TX found every UMEM frame still awaiting its completion.",
+    backend_completion_shortfall = "backend_completion_shortfall": "AF_XDP: frames TX could not send at once because every UMEM frame still awaited its completion (counted at each try).",
 }
 
 impl QueueStats {

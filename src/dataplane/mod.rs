@@ -59,6 +59,8 @@ struct RingSlot {
     /// Identity of the MemView the ring was translated with.
     mem: Option<Arc<MemView>>,
     broken: bool,
+    /// The guest was interrupted since the ring last became active.
+    signalled: bool,
 }
 
 impl RingSlot {
@@ -76,6 +78,7 @@ impl RingSlot {
             self.ring = None;
             self.mem = None;
             self.broken = false;
+            self.signalled = false;
             return None;
         }
         if self.broken {
@@ -97,14 +100,18 @@ impl RingSlot {
                     );
                     self.ring = Some(r);
                     self.mem = Some(mem.clone());
-                    // Interrupt once whenever a ring (re)starts. A back end
-                    // that died after publishing used entries but before
-                    // the interrupt leaves a guest waiting for it, with no
-                    // RX buffers posted: nobody would ever move again
-                    // (seen after SIGKILL and restart). A spurious
+                    // Interrupt once when a ring starts (not on every new
+                    // memory view: VDUSE gets one per IOTLB update). A back
+                    // end that died after publishing used entries but
+                    // before the interrupt leaves a guest waiting for it,
+                    // with no RX buffers posted: nobody would ever move
+                    // again (seen after SIGKILL and restart). A spurious
                     // interrupt costs the driver one look. (vhost-user also
                     // does it when a call fd arrives for a running ring.)
-                    ctl.signal();
+                    if !self.signalled {
+                        self.signalled = true;
+                        ctl.signal();
+                    }
                 }
                 Err(e) => {
                     self.fail(ctl, what, &e, stats);
@@ -189,8 +196,10 @@ pub struct QueuePair {
     pub extra_rx: Vec<(usize, Box<dyn Backend>)>,
 }
 
-/// What a queue pair holds while its backend queue is lent to another.
-pub struct Lent;
+/// What a queue pair holds while its backend queue is lent to another:
+/// the backend's counters as they were, so the pair's stay where they were
+/// instead of falling to zero (a counter reset, to Prometheus).
+pub struct Lent(pub vfrelay_backends::BackendStats);
 
 impl Backend for Lent {
     fn describe(&self) -> String {
@@ -209,7 +218,7 @@ impl Backend for Lent {
         Ok(0)
     }
     fn stats(&self) -> vfrelay_backends::BackendStats {
-        Default::default()
+        self.0
     }
 }
 
@@ -313,9 +322,16 @@ impl QueuePair {
         n
     }
 
-    /// Copy the counters (with the backend's) where others read them.
+    /// Copy the counters where others read them. The backend's own are
+    /// refreshed only here, not in [`Self::publish_round`]: reading them
+    /// can be a syscall (AF_XDP's XDP_STATISTICS).
     pub fn publish_stats(&mut self) {
         self.stats.set_backend(&self.backend.stats());
+        self.publish_round();
+    }
+
+    /// After a busy round: the dataplane's counters, no syscall.
+    fn publish_round(&mut self) {
         self.shared.publish(&self.stats);
         self.stats_dirty = false;
     }
@@ -399,7 +415,7 @@ impl QueuePair {
             self.stats.dirty_pages_logged += self.log_cache.take_marked();
         }
         if moved > 0 || self.stats_dirty {
-            self.publish_stats();
+            self.publish_round();
         }
         if moved > 0 {
             // Loopback frames produced by TX are waiting; a blocked TX may

@@ -431,8 +431,10 @@ impl Device {
             if self.lent_to[i].is_some() {
                 continue;
             }
-            let b = self.qps[i]
-                .apply(|s| std::mem::replace(&mut s.qp.backend, Box::new(crate::dataplane::Lent)));
+            let b = self.qps[i].apply(|s| {
+                let held = crate::dataplane::Lent(s.qp.backend.stats());
+                std::mem::replace(&mut s.qp.backend, Box::new(held))
+            });
             if let Some(b) = b {
                 self.qps[t].apply(move |s| s.qp.extra_rx.push((i, b)));
                 self.lent_to[i] = Some(t);
