@@ -80,12 +80,21 @@ impl StateFile {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
-        // The rename itself reaches the disk only with the directory.
+        // The rename itself reaches the disk only with the directory. The
+        // new table is in place either way, so a failure here is only
+        // warned about (undoing the change would leave file and daemon
+        // disagreeing).
         let dir = match self.path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
             _ => Path::new("."),
         };
-        File::open(dir)?.sync_all()
+        if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+            log::warn!(
+                "state file {}: syncing its directory: {e}",
+                self.path.display()
+            );
+        }
+        Ok(())
     }
 }
 

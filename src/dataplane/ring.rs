@@ -165,10 +165,12 @@ fn prefetch_write(p: *const u8) {
 /// (loopback 64 B, A/B beside DPDK): buffers 2 ahead 15.1 Mpps, 3: 17.0,
 /// 4 (descriptors 6): 17.3, 6 (8): 17.7, 8 (12): 17.6.
 const DESC_AHEAD: u16 = 8;
-/// The virtio-net header's size (modern layout): an RX buffer whose first
-/// cache line holds no more than this holds only the header there.
-const HDR_LINE_TAIL: usize = 12;
 const BUF_AHEAD: u16 = 6;
+
+/// The virtio-net header's size (modern layout; the legacy one is 10): an
+/// RX buffer whose first cache line holds no more than this holds only the
+/// header there.
+const HDR_LINE_TAIL: usize = 12;
 
 /// Prefetch the lines of a buffer at host address `p` (`len` bytes) that a
 /// small frame touches: the two lines from its first byte read, `skip`

@@ -253,7 +253,8 @@ fn deliver(
         ring.pop(mem, true, MAX_RX_CHAIN, chain)?;
         let written = match chain.iov.as_slice() {
             // The whole rest fits the chain's one buffer (small frames in
-            // mergeable buffers): two plain copies, no cursor.
+            // mergeable buffers): the header (unless already there) and
+            // the payload, no cursor.
             [v] if v.iov_len >= header_left.len() + data.len() => {
                 let p = v.iov_base as *mut u8;
                 // SAFETY: both writes end within the segment, which was
