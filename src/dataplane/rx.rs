@@ -240,8 +240,18 @@ fn deliver(
     let mut used = 0u16;
     let mut header_left: &[u8] = &h[..hdr_len];
     let mut data = payload;
+    // A chain error part way through a frame stops the queue; the chains
+    // this frame already filled must not be published with it (a truncated
+    // frame, num_buffers still 1).
+    let abandon = |ring: &mut SplitRing, used: u16, e: ChainError| {
+        ring.next_used = ring.next_used.wrapping_sub(used);
+        Err(e)
+    };
     while used == 0 || !header_left.is_empty() || !data.is_empty() {
-        let pending = ring.pending()?;
+        let pending = match ring.pending() {
+            Ok(p) => p,
+            Err(e) => return abandon(ring, used, e),
+        };
         if pending == 0 || used == u16::MAX {
             // Roll back: the chains popped for this frame stay available
             // and their unpublished used entries are overwritten later.
@@ -250,7 +260,9 @@ fn deliver(
             return Ok(Delivery::NoRoom);
         }
         ring.prefetch(pending, true, 0);
-        ring.pop(mem, true, MAX_RX_CHAIN, chain)?;
+        if let Err(e) = ring.pop(mem, true, MAX_RX_CHAIN, chain) {
+            return abandon(ring, used, e);
+        }
         let written = match chain.iov.as_slice() {
             // The whole rest fits the chain's one buffer (small frames in
             // mergeable buffers): the header (unless already there) and
@@ -288,10 +300,11 @@ fn deliver(
         if written == 0 {
             // A zero-length buffer makes no progress: refuse it rather than
             // spin through the ring.
-            return Err(ChainError::Undersized {
+            let e = ChainError::Undersized {
                 len: 0,
                 hdr: hdr_len,
-            });
+            };
+            return abandon(ring, used, e);
         }
         ring.put_used(chain.head, written as u32);
         used += 1;

@@ -674,3 +674,25 @@ fn counters_follow_the_frames() {
     assert_eq!(s.backend_tx_frames, 5, "the loopback's own count");
     assert_eq!(s.chain_errors, 0);
 }
+
+/// A mergeable frame whose second buffer is malformed: the queue stops and
+/// the first buffer, already filled, is not published as a frame of its own.
+#[test]
+fn a_chain_error_mid_frame_publishes_no_part_of_it() {
+    let mut g = Guest::new();
+    let mut q = qp();
+    g.post_rx(64);
+    // The next buffer points outside guest memory.
+    let i = g.rx.next_desc;
+    g.rx.next_desc = i.wrapping_add(1);
+    g.desc(false, i, 0xdead_0000, 64, VRING_DESC_F_WRITE, 0);
+    g.publish(false, i % QSIZE);
+    g.send(&frame(100, 7));
+    g.run_event(&mut q);
+    assert!(matches!(
+        g.rx_ctl.borrow().broken,
+        Some(ChainError::BadAddress { .. })
+    ));
+    assert_eq!(g.used(false), vec![], "a truncated frame was published");
+    assert_eq!(q.stats.rx_frames, 0);
+}
