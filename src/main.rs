@@ -581,6 +581,7 @@ fn run(cmd: Command) -> Result<(), Box<dyn std::error::Error>> {
                 state: a.state.clone(),
                 metrics: a.metrics.clone(),
             })?;
+            d.notify_ready();
             let r = d.run(false);
             info!("stopped");
             Ok(r?)

@@ -888,3 +888,45 @@ fn event_mode_counts_kicks_and_suppressed_interrupts() {
     assert!(st.success(), "testpmd exit: {st}");
     stop_daemon(d);
 }
+
+#[test]
+#[ignore = "starts a vfrelay daemon"]
+fn a_supervisor_hears_ready_once_the_saved_ports_are_back() {
+    let dir = TempDir::new();
+    let state = dir.join("ports.json");
+    std::fs::write(
+        &state,
+        json!({"version": 1, "ports": [
+            {"name": "a", "vhost_user": dir.join("a.sock"), "backend": "loopback"},
+        ]})
+        .to_string(),
+    )
+    .unwrap();
+    // What systemd does for Type=notify: a datagram socket in the
+    // environment.
+    let notify = dir.join("notify.sock");
+    let sup = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    sup.set_read_timeout(Some(secs(10))).unwrap();
+    let control = dir.join("control.sock");
+    let (c, st, n) = (
+        control.to_str().unwrap(),
+        state.to_str().unwrap(),
+        notify.to_str().unwrap(),
+    );
+    let mut d = Vfrelay::spawn_env(
+        None,
+        &["daemon", "--control", c, "--workers", "0", "--state", st],
+        &[("NOTIFY_SOCKET", n)],
+    );
+    let mut buf = [0u8; 64];
+    let got = sup
+        .recv(&mut buf)
+        .unwrap_or_else(|e| panic!("no READY: {e}\n{}", d.log_text()));
+    assert_eq!(&buf[..got], b"READY=1");
+    // Ready means ready: the first request sees the restored port.
+    let (code, out, err) = vfrelay::ctl_at(&control, &["port", "list", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"a\""), "{out}");
+    assert!(d.is_running());
+    d.terminate(secs(5));
+}

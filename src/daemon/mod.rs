@@ -156,6 +156,30 @@ impl Daemon {
         Ok(d)
     }
 
+    /// Tell a supervisor (systemd `Type=notify`, `$NOTIFY_SOCKET`) that the
+    /// daemon is ready: control socket bound, saved ports rebuilt. Without
+    /// it `systemctl start` returns at once and a `port add` or a libvirt
+    /// domain started right after can race the restore.
+    pub fn notify_ready(&self) {
+        use std::os::linux::net::SocketAddrExt;
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::net::{SocketAddr, UnixDatagram};
+        let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+            return;
+        };
+        let sent = UnixDatagram::unbound().and_then(|s| {
+            let b = path.as_bytes();
+            let addr = match b.strip_prefix(b"@") {
+                Some(name) => SocketAddr::from_abstract_name(name)?,
+                None => SocketAddr::from_pathname(std::path::Path::new(&path))?,
+            };
+            s.send_to_addr(b"READY=1", &addr)
+        });
+        if let Err(e) = sent {
+            warn!("telling the supervisor we are ready ($NOTIFY_SOCKET): {e}");
+        }
+    }
+
     /// Rebuild the ports saved in the state file. One that fails is logged
     /// and remembered; the others come up regardless.
     fn restore(&mut self, saved: Vec<Value>) {
