@@ -311,10 +311,7 @@ const BURSTS: u64 = 4;
 #[test]
 #[ignore = "needs root, dpdk-testpmd, hugepages"]
 fn testpmd_32_ports_on_one_worker() {
-    if let Some(why) = dpdk::missing_prerequisite() {
-        panic!("testpmd test cannot run: {why}");
-    }
-    let _one_at_a_time = dpdk::exclusive();
+    let _one_at_a_time = dpdk::testpmd_turn();
     let pages = dpdk::free_hugepages();
     let need = u64::from(MEM_MB) / 2 + 16;
     assert!(pages >= need, "{pages} free hugepages, need {need}");
@@ -427,10 +424,7 @@ fn testpmd_32_ports_on_one_worker() {
 #[test]
 #[ignore = "needs root, dpdk-testpmd, hugepages"]
 fn churn_does_not_disturb_a_running_port() {
-    if let Some(why) = dpdk::missing_prerequisite() {
-        panic!("testpmd test cannot run: {why}");
-    }
-    let _one_at_a_time = dpdk::exclusive();
+    let _one_at_a_time = dpdk::testpmd_turn();
     let dir = TempDir::new();
     let mut d = Vfrelay::daemon(&dir.join("control.sock"), &["--workers", "0", "--poll"]);
     let sock = dir.join("a.sock");
@@ -513,10 +507,7 @@ fn saved_names(state: &Path) -> Vec<String> {
 #[test]
 #[ignore = "needs root, dpdk-testpmd, hugepages"]
 fn state_file_brings_the_ports_back_after_sigkill() {
-    if let Some(why) = dpdk::missing_prerequisite() {
-        panic!("testpmd test cannot run: {why}");
-    }
-    let _one_at_a_time = dpdk::exclusive();
+    let _one_at_a_time = dpdk::testpmd_turn();
     let dir = TempDir::new();
     let control = dir.join("control.sock");
     let state = dir.join("ports.json");
@@ -782,10 +773,7 @@ fn series(text: &str, name: &str) -> u64 {
 #[test]
 #[ignore = "needs root, dpdk-testpmd, hugepages"]
 fn counters_and_metrics_match_what_testpmd_sent() {
-    if let Some(why) = dpdk::missing_prerequisite() {
-        panic!("testpmd test cannot run: {why}");
-    }
-    let _one_at_a_time = dpdk::exclusive();
+    let _one_at_a_time = dpdk::testpmd_turn();
     let dir = TempDir::new();
     let addr = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -861,10 +849,7 @@ fn counters_and_metrics_match_what_testpmd_sent() {
 #[test]
 #[ignore = "needs root, dpdk-testpmd, hugepages"]
 fn event_mode_counts_kicks_and_suppressed_interrupts() {
-    if let Some(why) = dpdk::missing_prerequisite() {
-        panic!("testpmd test cannot run: {why}");
-    }
-    let _one_at_a_time = dpdk::exclusive();
+    let _one_at_a_time = dpdk::testpmd_turn();
     let dir = TempDir::new();
     // Event mode: the worker sleeps until testpmd kicks.
     let d = Vfrelay::daemon(&dir.join("control.sock"), &["--workers", "0"]);

@@ -12,7 +12,7 @@
 mod common;
 
 use common::guest::{ping_both_ways, Guest, GuestConfig};
-use common::netns::{disable_ipv6, wait_for_link, Netns, Veth};
+use common::netns::{wait_for_link, Netns, Veth};
 use common::vfrelay::Vfrelay;
 use common::{secs, unique_name, wait_until, TempDir};
 
@@ -115,11 +115,7 @@ fn af_xdp_backend_ping_and_reconnect() {
     let ns = Netns::new();
     let veth = Veth::new();
     let (guest_ip, peer_ip) = ("10.77.2.2", "10.77.2.1");
-    disable_ipv6(&veth.host);
-    veth.peer_into(&ns, &format!("{peer_ip}/24"));
-    // AF_XDP copies frames without the skb's CHECKSUM_PARTIAL state, so the
-    // peer must send complete checksums.
-    ns.exec_ok("ethtool", &["-K", &veth.peer, "tx", "off"]);
+    veth.peer_for_af_xdp(&ns, &format!("{peer_ip}/24"));
     let dir = TempDir::new();
     let sock = dir.join("vhost.sock");
     let mut vf = Vfrelay::vhost_user(None, &sock, &format!("af-xdp,ifname={}", veth.host), &[]);

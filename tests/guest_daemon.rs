@@ -30,7 +30,7 @@
 mod common;
 
 use common::guest::{guest_tool, ping_both_ways, Guest, GuestConfig, DEFAULT_MAC};
-use common::netns::{disable_ipv6, nic_stat, Netns, Veth};
+use common::netns::{nic_stat, Netns, Veth};
 use common::vfrelay::Vfrelay;
 use common::{secs, TempDir};
 use std::collections::BTreeSet;
@@ -57,11 +57,7 @@ impl Link {
         let ns = Netns::new();
         let veth = Veth::with_queues(queues);
         let (guest_ip, peer_ip) = (format!("10.77.{net}.2"), format!("10.77.{net}.1"));
-        disable_ipv6(&veth.host);
-        veth.peer_into(&ns, &format!("{peer_ip}/24"));
-        // AF_XDP copies frames without the skb's CHECKSUM_PARTIAL state, so
-        // the peer must send complete checksums.
-        ns.exec_ok("ethtool", &["-K", &veth.peer, "tx", "off"]);
+        veth.peer_for_af_xdp(&ns, &format!("{peer_ip}/24"));
         Link {
             ns,
             veth,

@@ -19,7 +19,7 @@ mod common;
 
 use common::guest::{guest_images, ping_both_ways, Guest};
 use common::libvirt::Libvirtd;
-use common::netns::{disable_ipv6, Netns, Veth};
+use common::netns::{Netns, Veth};
 use common::vfrelay::Vfrelay;
 use common::{repo_root, run_ok, secs, unique_name, wait_until, TempDir};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -96,11 +96,7 @@ fn libvirt_domain_on_a_vfrelay_port_pings_both_ways() {
     let ns = Netns::new();
     let veth = Veth::new();
     let (guest_ip, peer_ip) = ("10.77.40.2", "10.77.40.1");
-    disable_ipv6(&veth.host);
-    veth.peer_into(&ns, &format!("{peer_ip}/24"));
-    // AF_XDP copies frames without the skb's CHECKSUM_PARTIAL state, so the
-    // peer must send complete checksums.
-    ns.exec_ok("ethtool", &["-K", &veth.peer, "tx", "off"]);
+    veth.peer_for_af_xdp(&ns, &format!("{peer_ip}/24"));
 
     // QEMU (libvirt-qemu) must reach the vhost-user socket and read the
     // kernel: a directory others may search, and copies of the guest images

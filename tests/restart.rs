@@ -11,7 +11,7 @@
 mod common;
 
 use common::guest::{Guest, GuestConfig, Net};
-use common::netns::{disable_ipv6, Netns, Veth};
+use common::netns::{Netns, Veth};
 use common::udp::{read_stats, rx_grows, start_checker, stat, summary, Sender};
 use common::vfrelay::Vfrelay;
 use common::{secs, TempDir};
@@ -45,10 +45,7 @@ fn sigkill_of_vfrelay_under_a_receiving_guest_loses_only_what_was_in_flight() {
     assert!(common::is_root(), "needs root (namespaces, veths, QEMU)");
     let ns = Netns::new();
     let veth = Veth::new();
-    disable_ipv6(&veth.host);
-    veth.peer_into(&ns, &format!("{PEER_IP}/24"));
-    // AF_XDP copies frames without the skb's CHECKSUM_PARTIAL state.
-    ns.exec_ok("ethtool", &["-K", &veth.peer, "tx", "off"]);
+    veth.peer_for_af_xdp(&ns, &format!("{PEER_IP}/24"));
     let dir = TempDir::new();
     let sock = dir.join("qemu.sock");
 

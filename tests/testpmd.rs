@@ -100,10 +100,7 @@ impl Peer {
 }
 
 fn run_case(frame_len: usize, queues: usize) {
-    if let Some(why) = dpdk::missing_prerequisite() {
-        panic!("testpmd test cannot run: {why}");
-    }
-    let _one_at_a_time = dpdk::exclusive();
+    let _one_at_a_time = dpdk::testpmd_turn();
     let target = target_frames();
     let dir = TempDir::new();
     let sock = dir.join("vu.sock");

@@ -50,6 +50,16 @@ pub fn free_hugepages() -> u64 {
         .unwrap_or(0)
 }
 
+/// What every testpmd test starts with: the prerequisites are there (a
+/// missing one fails the test with its reason, it is not skipped) and no
+/// other testpmd test runs. Hold the result for the whole test.
+pub fn testpmd_turn() -> Exclusive {
+    if let Some(why) = missing_prerequisite() {
+        panic!("testpmd test cannot run: {why}");
+    }
+    exclusive()
+}
+
 /// Held while a test runs testpmd: an exclusive flock, released on drop.
 pub struct Exclusive(File);
 
