@@ -223,14 +223,12 @@ impl Daemon {
     fn persist(&self) -> Result<(), String> {
         self.save_state().map_err(|e| {
             let path = self.state.as_ref().map(|f| f.path().display().to_string());
-            error!(
+            let msg = format!(
                 "writing the state file {}: {e}",
                 path.as_deref().unwrap_or("?")
             );
-            format!(
-                "writing the state file {}: {e}",
-                path.as_deref().unwrap_or("?")
-            )
+            error!("{msg}");
+            msg
         })
     }
 

@@ -145,12 +145,12 @@ impl RingSlot {
         stats: &mut QueueStats,
     ) {
         if let Some(r) = self.ring.as_mut() {
-            let fresh = r.next_used != r.used_idx();
-            let notify = r.publish_used();
-            if notify {
-                stats.interrupts += 1;
-            } else if fresh {
-                stats.interrupts_suppressed += 1;
+            let published = r.publish();
+            let notify = published == Some(true);
+            match published {
+                Some(true) => stats.interrupts += 1,
+                Some(false) => stats.interrupts_suppressed += 1,
+                None => {}
             }
             // Marked after the writes: a log sync between a mark and the
             // write it covers would send the page before it changed.

@@ -616,11 +616,18 @@ impl SplitRing {
 
     /// Make all written used entries visible and say whether the guest wants
     /// an interrupt for them.
+    #[cfg(test)]
     pub fn publish_used(&mut self) -> bool {
+        self.publish() == Some(true)
+    }
+
+    /// [`publish_used`](Self::publish_used), telling also whether there
+    /// was anything to publish: None if not, else whether to interrupt.
+    pub fn publish(&mut self) -> Option<bool> {
         let old = self.used_idx();
         let new = self.next_used;
         if old == new {
-            return false;
+            return None;
         }
         // Entries and the buffers they describe before the index.
         self.u16_at(unsafe { self.used.add(2) })
@@ -634,9 +641,9 @@ impl SplitRing {
             self.signalled_used = new;
             // vring_need_event: the guest asked for an interrupt once used
             // passes `ev`; did we pass it since we last signalled?
-            new.wrapping_sub(ev).wrapping_sub(1) < new.wrapping_sub(old_sig)
+            Some(new.wrapping_sub(ev).wrapping_sub(1) < new.wrapping_sub(old_sig))
         } else {
-            self.avail_flags() & VRING_AVAIL_F_NO_INTERRUPT == 0
+            Some(self.avail_flags() & VRING_AVAIL_F_NO_INTERRUPT == 0)
         }
     }
 
