@@ -12,3 +12,7 @@ pub use frontend::vduse::Attach;
 pub mod net;
 pub mod shutdown;
 mod stats;
+
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
