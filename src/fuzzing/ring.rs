@@ -180,6 +180,11 @@ struct Fuzz {
     idx_sane: bool,
     /// The guest (or an overlapping ring part) wrote the used index.
     used_scribbled: bool,
+    /// The guest wrote into the used ring since the last publish (or more
+    /// entries were written than it has slots).
+    used_touched: bool,
+    /// VFRELAY_FUZZ_TRACE=1: print each operation (to read a crash).
+    trace: bool,
 }
 
 impl Fuzz {
@@ -213,8 +218,12 @@ impl Fuzz {
     }
 
     /// A guest write, to both memories; the parts outside memory are lost.
-    fn guest_write(&mut self, gpa: u64, data: &[u8]) {
+    /// `push`: the guest offering a chain (the avail entry, then the index).
+    fn guest_write(&mut self, gpa: u64, data: &[u8], push: bool) {
         let len = data.len() as u64;
+        if self.trace {
+            eprintln!("  guest write {gpa:#x}: {data:02x?}");
+        }
         let Some(pieces) = self.lay.pieces(gpa, len) else {
             return;
         };
@@ -229,9 +238,14 @@ impl Fuzz {
         if overlaps(gpa, len, used, self.used_len()) {
             // Used entries the guest rewrote no longer say what was handed back.
             self.owners_ok = false;
+            self.used_touched = true;
         }
         if overlaps(gpa, len, used + 2, 2) {
             self.used_scribbled = true;
+        }
+        if !push && overlaps(gpa, len, self.addrs.avail + 2, 2 + 2 * self.size() as u64) {
+            // The index or entries moved other than by offering a chain.
+            self.owners_ok = false;
         }
         if overlaps(gpa, len, self.addrs.avail + 2, 2) {
             let new = Self::read_u16(&self.a, self.addrs.avail + 2);
@@ -293,7 +307,11 @@ impl Fuzz {
             }
             Ok(n) => n,
         };
-        assert!(pending <= size);
+        // vfrelay trusts the index it read until it has consumed that many
+        // entries, also after an unpop: a guest that offered more than a
+        // ring's worth in flight may make that more than a ring (the slots
+        // read are in the ring all the same). A driver never can.
+        assert!(!self.owners_ok || pending <= size, "pending {pending}");
         if self.idx_sane {
             assert!(
                 dist >= pending && dist <= size,
@@ -465,6 +483,12 @@ impl Fuzz {
         self.ring.put_used(p.head, len);
         self.mirror(self.addrs.used + 4 + 8 * slot as u64, 8);
         self.unpublished.push((p.id, p.head, len));
+        if self.unpublished.len() > self.size() as usize {
+            // More entries than slots (a guest offered more than a ring's
+            // worth): later ones overwrite earlier ones, and after a
+            // retraction the two devices' slots hold different leftovers.
+            self.used_touched = true;
+        }
         if let Some(r) = self.recent.iter_mut().find(|r| r.id == p.id) {
             r.put = true;
         }
@@ -492,6 +516,9 @@ impl Fuzz {
         self.ring.unpop(n as u16);
         for _ in 0..n {
             self.q.go_to_previous_position();
+        }
+        if self.guest_avail.wrapping_sub(self.ring.last_avail) > self.size() {
+            self.idx_sane = false;
         }
         self.recent.truncate(self.recent.len() - n);
         self.outstanding
@@ -531,10 +558,6 @@ impl Fuzz {
                 entries.len(),
                 "used index {before} -> {after}"
             );
-            assert!(
-                moved <= self.size(),
-                "used index went backwards: {before} -> {after}"
-            );
             match res {
                 None => assert!(entries.is_empty()),
                 Some(notify) => {
@@ -548,6 +571,13 @@ impl Fuzz {
                 }
             }
             if self.owners_ok {
+                // At most a ring's worth in flight (a guest offering more
+                // than that gets its used entries overwritten): a larger
+                // step is the index going backwards.
+                assert!(
+                    moved <= self.size(),
+                    "used index went backwards: {before} -> {after}"
+                );
                 let mask = self.size() - 1;
                 for i in 0..moved {
                     let slot = (before.wrapping_add(i) & mask) as u64;
@@ -559,6 +589,17 @@ impl Fuzz {
                     }
                 }
             }
+        }
+        if self.used_scribbled {
+            // Deliberate: vfrelay publishes whenever the index in memory is
+            // not its own, so it also rewrites an index the guest
+            // scribbled on; the reference writes it only with an entry.
+            self.mirror(used + 2, 2);
+        }
+        if std::mem::take(&mut self.used_touched) {
+            // The guest wrote over entries vfrelay had written and the
+            // reference writes only now: vfrelay's are what the guest sees.
+            self.mirror(used, self.used_len());
         }
         self.compare(used, self.used_len());
     }
@@ -633,16 +674,31 @@ impl Fuzz {
             _ => self.owners_ok = false,
         }
         let slot = (self.guest_avail & (size - 1)) as u64;
-        self.guest_write(self.addrs.avail + 4 + 2 * slot, &head.to_le_bytes());
+        self.guest_write(self.addrs.avail + 4 + 2 * slot, &head.to_le_bytes(), true);
         let idx = self.guest_avail.wrapping_add(1);
-        self.guest_write(self.addrs.avail + 2, &idx.to_le_bytes());
+        self.guest_write(self.addrs.avail + 2, &idx.to_le_bytes(), true);
         // Written even if the avail ring lies partly outside memory.
         self.guest_avail = idx;
     }
 
     fn op(&mut self, u: &mut In) {
         let size = self.size();
-        match u.u8() % 16 {
+        let op = u.u8() % 16;
+        if self.trace {
+            eprintln!(
+                "op {op}: last_avail {} next_used {} guest_avail {} outstanding {} unpublished {} \
+                 owners_ok {} idx_sane {} used_scribbled {}",
+                self.ring.last_avail,
+                self.ring.next_used,
+                self.guest_avail,
+                self.outstanding.len(),
+                self.unpublished.len(),
+                self.owners_ok,
+                self.idx_sane,
+                self.used_scribbled
+            );
+        }
+        match op {
             // A descriptor: in the ring's table, or in a table anywhere
             // (indirect tables, or junk).
             0..=2 => {
@@ -678,7 +734,7 @@ impl Fuzz {
                 d[8..12].copy_from_slice(&len.to_le_bytes());
                 d[12..14].copy_from_slice(&flags.to_le_bytes());
                 d[14..].copy_from_slice(&next.to_le_bytes());
-                self.guest_write(table.wrapping_add(16 * index as u64), &d);
+                self.guest_write(table.wrapping_add(16 * index as u64), &d, false);
             }
             3 | 4 => {
                 let h = u.u16();
@@ -689,20 +745,20 @@ impl Fuzz {
                 let slot = (u.u16() % size) as u64;
                 let head = u.u16();
                 self.owners_ok = false;
-                self.guest_write(self.addrs.avail + 4 + 2 * slot, &head.to_le_bytes());
+                self.guest_write(self.addrs.avail + 4 + 2 * slot, &head.to_le_bytes(), false);
             }
             6 => {
                 // Move the avail index without writing entries.
                 let v = u.u16();
                 self.owners_ok = false;
-                self.guest_write(self.addrs.avail + 2, &v.to_le_bytes());
+                self.guest_write(self.addrs.avail + 2, &v.to_le_bytes(), false);
             }
             7 => {
                 // Anything, anywhere (flags, used_event, the used ring...).
                 let gpa = self.lay.addr(u, 1);
                 let n = u.u8() as usize % 64;
                 let data = u.bytes(n).to_vec();
-                self.guest_write(gpa, &data);
+                self.guest_write(gpa, &data, false);
             }
             8 | 9 => {
                 let sel = u.u8();
@@ -807,13 +863,30 @@ pub fn ring(data: &[u8]) {
         owners_ok: true,
         idx_sane: true,
         used_scribbled: false,
+        used_touched: false,
+        trace: std::env::var_os("VFRELAY_FUZZ_TRACE").is_some(),
     };
+    if f.trace {
+        eprintln!(
+            "{:x?} {addrs:x?} event_idx {event_idx} indirect {indirect}",
+            f.lay.regions
+        );
+    }
     f.ring.event_idx = event_idx;
     f.ring.indirect = indirect;
     // Device writes to the used ring land on the avail index: vfrelay's
     // cached index and the fresh one may part.
     if overlaps(f.addrs.used, f.used_len(), f.addrs.avail + 2, 2) {
         f.idx_sane = false;
+    }
+    // ... and on avail entries: they no longer say what the guest offered.
+    if overlaps(
+        f.addrs.used,
+        f.used_len(),
+        f.addrs.avail,
+        6 + 2 * size as u64,
+    ) {
+        f.owners_ok = false;
     }
     if overlaps(f.addrs.used + 2, 2, f.addrs.desc, 16 * size as u64)
         || overlaps(f.addrs.used + 2, 2, f.addrs.avail, 6 + 2 * size as u64)
