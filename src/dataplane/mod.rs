@@ -401,7 +401,9 @@ impl QueuePair {
                 .finish(rx, log, &mut self.log_cache, &mut self.stats);
         }
         if log.is_some() {
-            self.stats.dirty_pages_logged += self.log_cache.take_marked();
+            let (marked, beyond) = self.log_cache.take_marked();
+            self.stats.dirty_pages_logged += marked;
+            self.stats.dirty_pages_beyond_log += beyond;
         }
         if moved > 0 || self.stats_dirty {
             self.publish_round();
