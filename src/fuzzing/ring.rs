@@ -24,13 +24,17 @@
 //! - device-writable descriptors only in RX chains, readable only in TX
 //!   (the reference yields both kinds and leaves it to the device);
 //! - at most `max_len` bytes and [`MAX_SEGS`] segments per chain;
-//! - every buffer inside guest memory (the reference does not look at
-//!   buffer addresses while walking); an indirect table inside one region
-//!   (the reference reads it descriptor by descriptor);
+//! - every buffer inside guest memory the device may use that way (RX
+//!   buffers writable, TX buffers readable: regions carry permissions, as
+//!   VDUSE's read-only or write-only IOTLB entries do; the reference has
+//!   none and does not look at buffer addresses while walking); an indirect
+//!   table inside one readable region (the reference reads it descriptor by
+//!   descriptor);
 //! - indirect descriptors only when negotiated, never with NEXT (the
 //!   reference ignores NEXT there), at most [`MAX_INDIRECT`] entries;
-//! - each ring part inside one region (the reference accepts parts that
-//!   span adjacent regions).
+//! - each ring part inside one region, desc and avail readable, used
+//!   readable and writable (the reference accepts parts that span adjacent
+//!   regions, whatever their permissions).
 //!
 //! Other deliberate differences:
 //! - vfrelay reads the avail index once per batch (`pending`) and trusts
@@ -57,7 +61,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::In;
-use crate::dataplane::mem::MemView;
+use crate::dataplane::mem::{MemView, Perm};
 use crate::dataplane::ring::{
     Chain, ChainError, RingAddrs, SplitRing, MAX_INDIRECT, MAX_SEGS, VRING_AVAIL_F_NO_INTERRUPT,
     VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
@@ -69,10 +73,11 @@ const MAX_QUEUE_SIZE: u16 = 32768;
 /// Operations per input: enough for several wraps of a small ring.
 const MAX_OPS: usize = 1024;
 
-/// Guest memory: sorted, non-overlapping (gpa, len) regions, some adjacent,
-/// some with holes between them; nothing below the first page.
+/// Guest memory: sorted, non-overlapping (gpa, len, what the device may
+/// do there) regions, some adjacent, some with holes between them; nothing
+/// below the first page.
 pub(crate) struct Layout {
-    regions: Vec<(u64, u64)>,
+    regions: Vec<(u64, u64, Perm)>,
 }
 
 impl Layout {
@@ -82,35 +87,54 @@ impl Layout {
         let mut regions = Vec::with_capacity(n);
         for _ in 0..n {
             let len = PAGE * (1 + u.u8() as u64 % 16);
-            regions.push((gpa, len));
+            let b = u.u8();
+            // Mostly both, as vhost-user memory; VDUSE maps TX buffers
+            // read-only and, under an IOMMU, RX buffers write-only.
+            let perm = match (b >> 4) & 3 {
+                2 => Perm::Read,
+                3 => Perm::Write,
+                _ => Perm::ReadWrite,
+            };
+            regions.push((gpa, len, perm));
             // 0: the next region is adjacent (buffers may straddle both).
-            gpa += len + PAGE * (u.u8() as u64 % 4);
+            gpa += len + PAGE * (b as u64 % 4);
         }
         Layout { regions }
     }
 
-    fn region_of(&self, gpa: u64) -> Option<(u64, u64)> {
+    /// The region holding `gpa`, if it allows `need` (None: any region).
+    fn region_of(&self, gpa: u64, need: Option<Perm>) -> Option<(u64, u64)> {
         self.regions
             .iter()
-            .copied()
-            .find(|&(g, l)| gpa >= g && gpa - g < l)
+            .find(|&&(g, l, p)| gpa >= g && gpa - g < l && need.is_none_or(|n| p.allows(n)))
+            .map(|&(g, l, _)| (g, l))
     }
 
-    /// `[gpa, gpa+len)` inside one region.
-    fn in_one(&self, gpa: u64, len: u64) -> bool {
+    /// `[gpa, gpa+len)` inside one region that allows `need`.
+    fn in_one(&self, gpa: u64, len: u64, need: Perm) -> bool {
         len == 0
             || self
-                .region_of(gpa)
+                .region_of(gpa, Some(need))
                 .is_some_and(|(g, l)| len <= l - (gpa - g))
     }
 
-    /// `[gpa, gpa+len)` as pieces that each lie in one region (None if it
-    /// is not all guest memory), as a buffer is split into segments.
-    fn pieces(&self, mut gpa: u64, len: u64) -> Option<Vec<(u64, u64)>> {
+    /// `[gpa, gpa+len)` as pieces that each lie in one region allowing
+    /// `need` (None if it is not all such memory), as a buffer is split
+    /// into segments.
+    fn pieces(&self, gpa: u64, len: u64, need: Perm) -> Option<Vec<(u64, u64)>> {
+        self.pieces_of(gpa, len, Some(need))
+    }
+
+    /// [`pieces`](Self::pieces) of any memory: what the guest can write.
+    fn span(&self, gpa: u64, len: u64) -> Option<Vec<(u64, u64)>> {
+        self.pieces_of(gpa, len, None)
+    }
+
+    fn pieces_of(&self, mut gpa: u64, len: u64, need: Option<Perm>) -> Option<Vec<(u64, u64)>> {
         let mut out = Vec::new();
         let mut left = len;
         while left > 0 {
-            let (g, l) = self.region_of(gpa)?;
+            let (g, l) = self.region_of(gpa, need)?;
             let n = left.min(l - (gpa - g));
             out.push((gpa, n));
             gpa = gpa.checked_add(n)?;
@@ -123,7 +147,7 @@ impl Layout {
     /// hole after it, or anything; aligned to `align` unless bit 7 says not.
     fn addr(&self, u: &mut In, align: u64) -> u64 {
         let sel = u.u8();
-        let (g, l) = self.regions[(sel as usize >> 2) % self.regions.len()];
+        let (g, l, _) = self.regions[(sel as usize >> 2) % self.regions.len()];
         let a = match sel & 3 {
             0 => g.wrapping_add(u.u16() as u64),
             1 => (g + l).wrapping_sub(u.u16() as u64 % (l + 1)),
@@ -207,7 +231,7 @@ impl Fuzz {
     /// Copy `[gpa, gpa+len)` from vfrelay's memory into the reference's:
     /// what vfrelay wrote there as the device.
     fn mirror(&self, gpa: u64, len: u64) {
-        let Some(pieces) = self.lay.pieces(gpa, len) else {
+        let Some(pieces) = self.lay.span(gpa, len) else {
             return;
         };
         for (g, n) in pieces {
@@ -224,7 +248,7 @@ impl Fuzz {
         if self.trace {
             eprintln!("  guest write {gpa:#x}: {data:02x?}");
         }
-        let Some(pieces) = self.lay.pieces(gpa, len) else {
+        let Some(pieces) = self.lay.span(gpa, len) else {
             return;
         };
         let mut off = 0usize;
@@ -367,7 +391,7 @@ impl Fuzz {
         if ok {
             let p = Popped {
                 id: self.next_id,
-                head: self.chain.head,
+                head: self.chain.head(),
                 put: false,
             };
             self.next_id += 1;
@@ -389,11 +413,12 @@ impl Fuzz {
         max_len: u64,
     ) {
         let c = &self.chain;
+        let need = Perm::for_buffers(writable);
         assert!(
             complete,
             "vfrelay popped chain {head} the reference finds broken"
         );
-        assert_eq!(c.head, head);
+        assert_eq!(c.head(), head);
         let mut segs = Vec::new();
         let mut total = 0u64;
         for d in descs {
@@ -401,27 +426,31 @@ impl Fuzz {
             total += d.len() as u64;
             segs.extend(
                 self.lay
-                    .pieces(d.addr().0, d.len() as u64)
+                    .pieces(d.addr().0, d.len() as u64, need)
                     .expect("vfrelay accepted a buffer outside memory"),
             );
         }
-        assert_eq!(c.len, total);
+        assert_eq!(c.bytes(), total);
         assert!(total <= max_len);
         assert!(segs.len() <= MAX_SEGS);
-        assert_eq!(c.iov.len(), segs.len(), "segments of chain {head}");
-        assert_eq!(c.gpa.len(), segs.len());
+        assert_eq!(c.iov().len(), segs.len(), "segments of chain {head}");
+        assert_eq!(c.gpa().len(), segs.len());
         for (i, &(g, n)) in segs.iter().enumerate() {
-            assert_eq!(c.gpa[i], g);
-            assert_eq!(c.iov[i].iov_len as u64, n);
+            assert_eq!(c.gpa()[i], g);
+            assert_eq!(c.iov()[i].iov_len as u64, n);
             let host = self.a.get_host_address(GuestAddress(g)).unwrap();
-            assert_eq!(c.iov[i].iov_base as *mut u8, host, "segment {i} at {g:#x}");
+            assert_eq!(
+                c.iov()[i].iov_base as *mut u8,
+                host,
+                "segment {i} at {g:#x}"
+            );
         }
         if let Some(d) = indirect {
             assert!(self.indirect, "indirect descriptor without the feature");
             assert!(!d.has_next());
             let len = d.len();
             assert!(len > 0 && len.is_multiple_of(16) && len / 16 <= MAX_INDIRECT);
-            assert!(self.lay.in_one(d.addr().0, len as u64));
+            assert!(self.lay.in_one(d.addr().0, len as u64, Perm::Read));
         }
     }
 
@@ -436,6 +465,7 @@ impl Fuzz {
         max_len: u64,
     ) -> bool {
         let total: u64 = descs.iter().map(|d| d.len() as u64).sum();
+        let need = Perm::for_buffers(writable);
         match *e {
             ChainError::WriteOnlyInReadChain => {
                 !writable && descs.iter().any(|d| d.is_write_only())
@@ -447,7 +477,7 @@ impl Fuzz {
             ChainError::TooManySegments => {
                 let mut n = 0;
                 for d in descs {
-                    match self.lay.pieces(d.addr().0, d.len() as u64) {
+                    match self.lay.pieces(d.addr().0, d.len() as u64, need) {
                         Some(p) => n += p.len(),
                         None => break,
                     }
@@ -458,9 +488,11 @@ impl Fuzz {
                 descs.iter().any(|d| {
                     d.addr().0 == addr
                         && d.len() == len
-                        && self.lay.pieces(addr, len as u64).is_none()
+                        && self.lay.pieces(addr, len as u64, need).is_none()
                 }) || indirect.is_some_and(|d| {
-                    d.addr().0 == addr && d.len() == len && !self.lay.in_one(addr, len as u64)
+                    d.addr().0 == addr
+                        && d.len() == len
+                        && !self.lay.in_one(addr, len as u64, Perm::Read)
                 })
             }
             ChainError::IndirectWithNext => indirect.is_some_and(|d| d.has_next()),
@@ -606,7 +638,7 @@ impl Fuzz {
 
     /// Both memories hold the same bytes at `[gpa, gpa+len)`.
     fn compare(&self, gpa: u64, len: u64) {
-        for (g, n) in self.lay.pieces(gpa, len).unwrap_or_default() {
+        for (g, n) in self.lay.span(gpa, len).unwrap_or_default() {
             let mut x = vec![0u8; n as usize];
             let mut y = vec![0u8; n as usize];
             self.a.read_slice(&mut x, GuestAddress(g)).unwrap();
@@ -806,14 +838,16 @@ pub fn ring(data: &[u8]) {
     let ranges: Vec<_> = lay
         .regions
         .iter()
-        .map(|&(g, l)| (GuestAddress(g), l as usize))
+        .map(|&(g, l, _)| (GuestAddress(g), l as usize))
         .collect();
     let a = GuestMemoryMmap::<()>::from_ranges(&ranges).expect("guest memory");
     let b = GuestMemoryMmap::<()>::from_ranges(&ranges).expect("guest memory");
     let mut view = MemView::empty();
-    for &(g, l) in &lay.regions {
+    for &(g, l, perm) in &lay.regions {
         let host = a.get_host_address(GuestAddress(g)).unwrap();
-        assert!(view.add(g, l, host));
+        // SAFETY: `a`'s mappings live in the same Fuzz as the view (and
+        // the rings translated with it) and outlive every use of them.
+        assert!(unsafe { view.add(g, l, host, perm) });
     }
     let s = u.u8();
     let size = if s < 0xf0 { 1u16 << (s % 11) } else { u.u16() };
@@ -831,9 +865,9 @@ pub fn ring(data: &[u8]) {
             // Refused: the reference must refuse too, unless vfrelay's rule
             // that each part lies in one region is what failed.
             let n = size as u64;
-            let in_one = lay.in_one(addrs.desc, 16 * n)
-                && lay.in_one(addrs.avail, 6 + 2 * n)
-                && lay.in_one(addrs.used, 6 + 8 * n);
+            let in_one = lay.in_one(addrs.desc, 16 * n, Perm::Read)
+                && lay.in_one(addrs.avail, 6 + 2 * n, Perm::Read)
+                && lay.in_one(addrs.used, 6 + 8 * n, Perm::ReadWrite);
             assert!(
                 reference_queue(&b, addrs, event_idx, 0).is_none() || !in_one,
                 "vfrelay refused ring {addrs:?} the reference accepts"
@@ -899,7 +933,7 @@ pub fn ring(data: &[u8]) {
         }
         f.op(&mut u);
     }
-    for &(g, l) in &f.lay.regions {
+    for &(g, l, _) in &f.lay.regions {
         f.compare(g, l);
     }
 }
