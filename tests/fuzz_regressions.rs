@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// The vhost-user check counts the process's open fds: nothing else in
-/// this binary may open one meanwhile.
+/// this binary may open one meanwhile (nor rewrite a corpus being read).
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
@@ -54,6 +54,8 @@ fn vhost_user_inputs() {
 /// (`VFRELAY_WRITE_SEEDS=1` rewrites them).
 #[test]
 fn seed_corpora_are_current() {
+    // Not while another test reads the corpus this may rewrite.
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
     let write = std::env::var_os("VFRELAY_WRITE_SEEDS").is_some_and(|v| v == "1");
     for (target, name, bytes) in vfrelay::fuzzing::seeds::all() {

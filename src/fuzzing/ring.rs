@@ -76,7 +76,7 @@ const MAX_OPS: usize = 1024;
 /// Guest memory: sorted, non-overlapping (gpa, len, what the device may
 /// do there) regions, some adjacent, some with holes between them; nothing
 /// below the first page.
-pub(crate) struct Layout {
+struct Layout {
     regions: Vec<(u64, u64, Perm)>,
 }
 
