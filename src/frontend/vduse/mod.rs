@@ -32,7 +32,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::dataplane::mem::MemView;
 use crate::dataplane::ring::{ChainError, RingAddrs};
 use crate::dataplane::vring::Notifier;
-use crate::dataplane::worker::{MemProbe, QpRef};
+use crate::dataplane::worker::QpRef;
+use crate::dataplane::MissFn;
 use crate::net::NetConfig;
 use dev::{Control, Device, Request};
 
@@ -133,15 +134,16 @@ struct Shared {
     qsize: u16,
     qp: QpRef,
     state: Mutex<State>,
-    /// The view has nothing at IOVA 0. Under virtio_vdpa the bounce map
-    /// appears with the driver's first DMA mapping, after DRIVER_OK and
-    /// without an UPDATE_IOTLB; until it is seen, the worker probes for it
-    /// before each round ([`Shared::mem_probe`]).
-    probe_low: AtomicBool,
+    /// The IOTLB as mapped here. Its own lock, never held while waiting for
+    /// the worker: the worker takes it on a miss ([`Shared::miss_handler`]).
+    iotlb: Mutex<iotlb::Table>,
     kicks: [EventFd; 2],
     /// Ends the request thread (after detach: detaching needs answers).
     stop_requests: AtomicBool,
     broken: AtomicBool,
+    /// Tests: an IOTLB of memfds instead of the device's.
+    #[cfg(test)]
+    fake_iotlb: std::sync::OnceLock<Arc<iotlb::fake::FakeIotlb>>,
 }
 
 impl Notifier for Shared {
@@ -151,7 +153,14 @@ impl Notifier for Shared {
         }
     }
     fn broken(&self, vq: u16, err: &ChainError) {
-        debug!("{}: queue {vq} stopped: {err}", self.name);
+        // Counted (chain_errors) and logged by the dataplane. The driver
+        // cannot be told: DEVICE_NEEDS_RESET is a status bit, and a VDUSE
+        // device has no call that sets its status (vduse_vdpa_get_status()
+        // returns what the driver last set; no VDUSE ioctl writes it).
+        debug!(
+            "{}: queue {vq} stopped ({err}); VDUSE has no way to raise NEEDS_RESET",
+            self.name
+        );
     }
 }
 
@@ -168,55 +177,68 @@ impl Shared {
                 started: false,
                 status: 0,
             }),
-            probe_low: AtomicBool::new(true),
+            iotlb: Mutex::new(iotlb::Table::default()),
             kicks: [efd()?, efd()?],
             stop_requests: AtomicBool::new(false),
             broken: AtomicBool::new(false),
+            #[cfg(test)]
+            fake_iotlb: std::sync::OnceLock::new(),
         });
         let n: Arc<dyn Notifier> = sh.clone();
+        let miss = sh.miss_handler();
         sh.qp.apply(move |s| {
             s.rx.notifier = Some(n.clone());
             s.tx.notifier = Some(n);
+            s.miss = Some(miss);
         });
         Ok(sh)
     }
 
-    /// Re-reads the IOTLB into a fresh view and hands it to the worker in
-    /// one step (the old one is unmapped once the worker lets go of it).
-    /// While IOVA 0 is unmapped the worker probes for it before each round.
-    fn refresh_view(self: &Arc<Self>, st: &mut State) {
-        match iotlb::build_view(&self.dev) {
-            Ok(v) => {
-                let low = v.translate(0, 1).is_none();
-                self.probe_low.store(low, Ordering::SeqCst);
-                let probe = (st.started && low).then(|| self.mem_probe());
-                self.qp.apply(move |s| {
-                    s.mem = v;
-                    s.probe = probe;
-                    // Cached ring translations keep the old view alive.
-                    s.qp.reset();
-                });
-            }
-            Err(e) => error!("{}: reading the IOTLB: {e}", self.name),
+    fn iotlb_dev(&self) -> &dyn iotlb::IotlbDev {
+        #[cfg(test)]
+        if let Some(f) = self.fake_iotlb.get() {
+            return &**f;
         }
+        &self.dev
     }
 
-    /// One ioctl per round until the bounce map is there: the driver's first
-    /// frames point into it, and a round run without it would stop the
-    /// queue for a buffer "outside guest memory".
-    fn mem_probe(self: &Arc<Self>) -> MemProbe {
+    /// Re-reads the IOTLB in `[start, last]` and hands the worker the new
+    /// view in one step (the old one is unmapped once the worker lets go
+    /// of it). Returns once the worker uses it: the kernel may reuse what
+    /// was unmapped as soon as we answer.
+    fn refresh_view(&self, start: u64, last: u64) {
+        let v = {
+            let mut t = self.iotlb.lock().unwrap();
+            if let Err(e) = t.update(self.iotlb_dev(), start, last) {
+                error!("{}: reading the IOTLB: {e}", self.name);
+            }
+            t.view()
+        };
+        self.qp.apply(move |s| s.mem = v);
+    }
+
+    /// Asked by the worker when a ring finds an address outside its view:
+    /// the kernel adds some mappings without telling us (the bounce map
+    /// with the driver's first DMA mapping, coherent allocations). One
+    /// lookup per miss, never one per round.
+    fn miss_handler(self: &Arc<Self>) -> MissFn {
         let sh = Arc::downgrade(self);
-        Box::new(move || {
+        Box::new(move |cur: &MemView, addr: u64| {
             let sh = sh.upgrade()?;
-            if !sh.dev.iotlb_has(0, 0) {
+            let mut t = sh.iotlb.lock().unwrap();
+            if let Err(e) = t.update(sh.iotlb_dev(), addr, addr) {
+                debug!("{}: IOTLB lookup of {addr:#x}: {e}", sh.name);
                 return None;
             }
-            let v = iotlb::build_view(&sh.dev).ok()?;
-            v.translate(0, 1)?;
-            // Not the state lock: its holder may be waiting for this worker.
-            sh.probe_low.store(false, Ordering::SeqCst);
-            debug!("{}: IOVA 0 mapped", sh.name);
-            Some(v)
+            let v = t.view();
+            // A new view only if it maps `addr` differently: else the
+            // address is bad (or lacks the access needed) and the queue
+            // stops.
+            let new = v.translate(addr, 1);
+            (new.is_some() && new != cur.translate(addr, 1)).then(|| {
+                debug!("{}: IOVA {addr:#x} found on a miss", sh.name);
+                v
+            })
         })
     }
 
@@ -240,15 +262,13 @@ impl Shared {
             Request::SetStatus { status } => (self.set_status(status), None),
             Request::UpdateIotlb { start, last } => {
                 debug!("{}: UPDATE_IOTLB {start:#x}..={last:#x}", self.name);
-                let mut st = self.state.lock().unwrap();
+                let st = self.state.lock().unwrap();
                 if st.started {
-                    self.refresh_view(&mut st);
+                    self.refresh_view(start, last);
                 } else {
                     // Mapped afresh at DRIVER_OK.
-                    self.qp.apply(|s| {
-                        s.mem = Arc::new(MemView::empty());
-                        s.qp.reset();
-                    });
+                    self.iotlb.lock().unwrap().clear();
+                    self.qp.apply(|s| s.mem = Arc::new(MemView::empty()));
                 }
                 (true, None)
             }
@@ -264,12 +284,11 @@ impl Shared {
             }
             st.started = false;
             st.status = 0;
-            self.probe_low.store(true, Ordering::SeqCst);
+            self.iotlb.lock().unwrap().clear();
             self.qp.apply(|s| {
                 s.rx.reset();
                 s.tx.reset();
                 s.mem = Arc::new(MemView::empty());
-                s.probe = None;
                 s.qp.reset();
             });
             for k in &self.kicks {
@@ -277,13 +296,13 @@ impl Shared {
             }
             return true;
         }
-        st.status = status;
         if status & uapi::VIRTIO_CONFIG_S_DRIVER_OK != 0 && !st.started {
             if let Err(e) = self.start(&mut st) {
                 error!("{}: starting the device: {e}", self.name);
                 return false;
             }
         }
+        st.status = status;
         true
     }
 
@@ -310,14 +329,19 @@ impl Shared {
             // saved index after vhost-vdpa's SET_VRING_BASE). Every chain
             // before it was used, so used resumes there too.
             vq.next_avail = info.split_avail_index();
+        }
+        let view = {
+            let mut t = self.iotlb.lock().unwrap();
+            t.clear();
+            t.update(self.iotlb_dev(), 0, u64::MAX)
+                .map_err(|e| format!("reading the IOTLB: {e}"))?;
+            t.view()
+        };
+        for (i, vq) in vqs.iter().enumerate() {
+            let Some(a) = vq.addrs else { continue };
             debug!(
                 "{}: queue {i}: size {} desc {:#x} avail {:#x} used {:#x} from {}",
-                self.name,
-                info.num,
-                info.desc_addr,
-                info.driver_addr,
-                info.device_addr,
-                vq.next_avail
+                self.name, a.size, a.desc, a.avail, a.used, vq.next_avail
             );
         }
         let mut kicks = Vec::new();
@@ -328,12 +352,11 @@ impl Shared {
                 .map_err(|e| e.to_string())?;
             kicks.push(k.try_clone().map_err(|e| e.to_string())?);
         }
-        // Started before the view goes in, so the worker probes for IOVA 0
-        // from its first round if it is not mapped yet.
         st.started = true;
-        self.refresh_view(st);
         let event_idx = features & crate::net::F_EVENT_IDX != 0;
+        let low = view.translate(0, 1).is_some();
         self.qp.apply(move |s| {
+            s.mem = view;
             s.qp.sync_features(features);
             for (i, (vq, kick)) in vqs.iter().zip(kicks).enumerate() {
                 let r = s.vring_mut(i);
@@ -349,10 +372,10 @@ impl Shared {
         info!(
             "{}: driver ready, features {features:#x}, IOVA 0 {}",
             self.name,
-            if self.probe_low.load(Ordering::SeqCst) {
-                "not mapped yet"
-            } else {
+            if low {
                 "mapped"
+            } else {
+                "not mapped yet (looked up when a ring first needs it)"
             }
         );
         Ok(())
@@ -578,7 +601,7 @@ impl Port {
             sh.qp.apply(|s| {
                 s.rx.notifier = None;
                 s.tx.notifier = None;
-                s.probe = None;
+                s.miss = None;
                 s.reset();
             });
         }
@@ -683,6 +706,36 @@ mod tests {
         let sh = shared(false);
         assert_eq!(sh.handle(Request::SetStatus { status: 0xf }), (false, None));
         assert!(!sh.state.lock().unwrap().started);
+    }
+
+    #[test]
+    fn the_miss_handler_maps_what_the_kernel_added_and_nothing_else() {
+        use iotlb::fake::{memfd, FakeIotlb};
+        let sh = shared(false);
+        let fake = Arc::new(FakeIotlb {
+            bounce: Some(0x4000),
+            ..Default::default()
+        });
+        assert!(sh.fake_iotlb.set(fake.clone()).is_ok());
+        fake.add(0x10000, 0x1000, uapi::ACCESS_RW, Arc::new(memfd(0x1000)), 0);
+        let mut miss = sh.miss_handler();
+        let empty = MemView::empty();
+        let v = miss(&empty, 0x10800).expect("an entry the view lacks");
+        assert!(v.translate(0x10800, 1).is_some());
+        assert!(miss(&v, 0x10800).is_none(), "mapped the same: a bad access");
+        assert!(miss(&v, 0xdead_0000).is_none(), "mapped nowhere");
+        // The bounce map appears without a request: found on the miss, and
+        // served from our memory.
+        fake.add(0, 0x4000, uapi::ACCESS_RW, Arc::new(memfd(0)), 0);
+        let v2 = miss(&v, 0x100).expect("bounce map");
+        let (uaddr, _) = fake.umem.lock().unwrap().unwrap();
+        assert_eq!(v2.translate(0, 1).unwrap() as u64, uaddr);
+        assert!(v2.translate(0x10800, 1).is_some(), "the rest is kept");
+        assert_eq!(
+            *fake.get_info_calls.lock().unwrap(),
+            1,
+            "CAP_UMEM asked once"
+        );
     }
 
     #[test]
