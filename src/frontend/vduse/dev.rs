@@ -21,8 +21,10 @@ pub enum Error {
     NoModule,
     #[error("VDUSE device name '{0}' must be 1-255 bytes without '/' or NUL")]
     BadName(String),
-    #[error("VDUSE device '{0}' already exists (another vfrelay runs, or a crashed one left it)")]
+    #[error("VDUSE device '{0}' already exists")]
     Exists(String),
+    #[error("VDUSE device '{0}' is served by another process (/dev/vduse/{0} is open)")]
+    Busy(String),
     #[error("VDUSE config space of {0} bytes is larger than a page")]
     ConfigTooBig(usize),
     #[error("{what}: {source}")]
@@ -158,6 +160,10 @@ impl Device {
                 Ok(file) => return Ok(Device { file, path }),
                 Err(e) if e.kind() == io::ErrorKind::NotFound && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20));
+                }
+                // The kernel lets one process hold a device open.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    return Err(Error::Busy(name.into()))
                 }
                 Err(e) => return Err(io_err(format!("opening {}", path.display()))(e)),
             }
