@@ -18,7 +18,7 @@ use vfrelay_backends::Backend;
 
 use crate::stats::{QueueStats, SharedStats};
 use dirty_log::{DirtyLog, LogCache};
-use mem::MemView;
+use mem::{MemView, Perm};
 use ring::{Chain, ChainError, RingAddrs, SplitRing};
 
 /// Frames moved per burst before the other direction gets a turn.
@@ -73,9 +73,14 @@ fn miss_addr(e: &ChainError, mem: &MemView) -> Option<u64> {
         ChainError::BadAddress { addr, .. } => Some(addr),
         ChainError::BadRing {
             desc, avail, used, ..
-        } => [desc, avail, used]
-            .into_iter()
-            .find(|a| mem.translate(*a, 1).is_none()),
+        } => [
+            (desc, Perm::Read),
+            (avail, Perm::Read),
+            (used, Perm::ReadWrite),
+        ]
+        .into_iter()
+        .find(|(a, p)| mem.translate(*a, 1, *p).is_none())
+        .map(|(a, _)| a),
         _ => None,
     }
 }
@@ -254,7 +259,7 @@ impl Backend for Lent {
     fn describe(&self) -> String {
         "lent to another queue pair".into()
     }
-    fn tx_frame(&mut self, _segs: &[libc::iovec]) -> vfrelay_backends::Result<bool> {
+    fn tx_frame(&mut self, _segs: vfrelay_backends::Segs<'_>) -> vfrelay_backends::Result<bool> {
         // The guest does not use a disabled pair's TX ring; should it, the
         // frame has nowhere to go.
         Ok(true)
@@ -328,24 +333,13 @@ impl QueuePair {
     pub fn announce(&mut self, mac: &[u8; 6]) {
         let frame = crate::net::rarp_frame(mac);
         let hdr = [0u8; vfrelay_backends::VNET_HDR_LEN];
-        let mut segs = [
-            libc::iovec {
-                iov_base: hdr.as_ptr() as *mut libc::c_void,
-                iov_len: hdr.len(),
-            },
-            libc::iovec {
-                iov_base: frame.as_ptr() as *mut libc::c_void,
-                iov_len: frame.len(),
-            },
-        ];
-        let segs: &mut [libc::iovec] = if self.backend.vnet_hdr() {
-            &mut segs
+        let parts: &[&[u8]] = if self.backend.vnet_hdr() {
+            &[&hdr, &frame]
         } else {
-            &mut segs[1..]
+            &[&frame]
         };
-        match self
-            .backend
-            .tx_frame(segs)
+        let backend = &mut self.backend;
+        match vfrelay_backends::Segs::of(parts, |s| backend.tx_frame(s))
             .and_then(|_| self.backend.tx_flush())
         {
             Ok(()) => {}
@@ -463,7 +457,9 @@ impl QueuePair {
                 .finish(rx, log, &mut self.log_cache, &mut self.stats);
         }
         if log.is_some() {
-            self.stats.dirty_pages_logged += self.log_cache.take_marked();
+            let (marked, beyond) = self.log_cache.take_marked();
+            self.stats.dirty_pages_logged += marked;
+            self.stats.dirty_pages_beyond_log += beyond;
         }
         if moved > 0 || self.stats_dirty {
             self.publish_round();

@@ -34,7 +34,7 @@ use log::{debug, info, warn};
 
 use super::dev::{Device, Error};
 use super::uapi::{self, IotlbEntry, IovaInfo};
-use crate::dataplane::mem::MemView;
+use crate::dataplane::mem::{MemView, Perm};
 
 /// More than any real domain holds; stops a kernel that kept answering.
 const MAX_MAPPINGS: usize = 4096;
@@ -116,6 +116,17 @@ fn prot_of(perm: u8) -> libc::c_int {
         uapi::ACCESS_RO => libc::PROT_READ,
         uapi::ACCESS_WO => libc::PROT_WRITE,
         _ => libc::PROT_READ | libc::PROT_WRITE,
+    }
+}
+
+/// What the device may do in an entry: what its IOTLB permission says
+/// (our bounce memory is read-write, as the kernel's bounce map is).
+fn perm_of(b: &Backing, perm: u8) -> Perm {
+    match (b, perm) {
+        (Backing::Umem, _) => Perm::ReadWrite,
+        (_, uapi::ACCESS_RO) => Perm::Read,
+        (_, uapi::ACCESS_WO) => Perm::Write,
+        _ => Perm::ReadWrite,
     }
 }
 
@@ -372,7 +383,10 @@ impl Table {
                     (u.map.base as *mut u8, &u.map)
                 }
             };
-            if view.add(x.e.start, len, host) {
+            // SAFETY: the mapping (or our bounce memory) goes into `owned`,
+            // which the view keeps alive; it was mapped with the protection
+            // `perm` allows (prot_of), umem read-write.
+            if unsafe { view.add(x.e.start, len, host, perm_of(&x.backing, x.e.perm)) } {
                 owned.push(m.clone());
             } else {
                 warn!(
@@ -504,7 +518,7 @@ mod tests {
     }
 
     fn read(view: &MemView, iova: u64, len: usize) -> Option<Vec<u8>> {
-        let p = view.translate(iova, len as u64)?;
+        let p = view.translate(iova, len as u64, Perm::Read)?;
         // SAFETY: translate checked [iova, iova+len) lies in one mapping.
         Some(unsafe { std::slice::from_raw_parts(p, len) }.to_vec())
     }
@@ -519,7 +533,7 @@ mod tests {
         t.update(&dev, 0, u64::MAX).unwrap();
         let v = t.view();
         assert_eq!(read(&v, 0x10010, 5).unwrap(), b"hello");
-        assert!(v.translate(0x10000 + 2 * PAGE, 1).is_none());
+        assert!(v.translate(0x10000 + 2 * PAGE, 1, Perm::Read).is_none());
     }
 
     #[test]
@@ -532,8 +546,8 @@ mod tests {
         let mut t = Table::default();
         t.update(&dev, 0, u64::MAX).unwrap();
         let v1 = t.view();
-        let a = v1.translate(0x10000, 1).unwrap();
-        let c = v1.translate(0x30000, 1).unwrap();
+        let a = v1.translate(0x10000, 1, Perm::Read).unwrap();
+        let c = v1.translate(0x30000, 1, Perm::Read).unwrap();
 
         // The second entry is unmapped, a new one appears, the third is
         // re-mapped at another offset; the kernel says "everything".
@@ -544,13 +558,17 @@ mod tests {
         t.update(&dev, 0, u64::MAX).unwrap();
         let v2 = t.view();
         assert_eq!(
-            v2.translate(0x10000, 1),
+            v2.translate(0x10000, 1, Perm::Read),
             Some(a),
             "unchanged entry remapped"
         );
-        assert!(v2.translate(0x20000, 1).is_none());
-        assert_ne!(v2.translate(0x30000, 1).unwrap(), c, "changed entry kept");
-        assert!(v2.translate(0x40000, 1).is_some());
+        assert!(v2.translate(0x20000, 1, Perm::Read).is_none());
+        assert_ne!(
+            v2.translate(0x30000, 1, Perm::Read).unwrap(),
+            c,
+            "changed entry kept"
+        );
+        assert!(v2.translate(0x40000, 1, Perm::Read).is_some());
         // The old view still works: it holds its own mappings.
         assert!(read(&v1, 0x20000, 1).is_some());
 
@@ -561,8 +579,11 @@ mod tests {
         t.update(&dev, 0x40000, 0x40fff).unwrap();
         assert_eq!(*dev.get_fd_calls.lock().unwrap() - calls, 1);
         let v3 = t.view();
-        assert!(v3.translate(0x10000, 1).is_some(), "outside the range");
-        assert!(v3.translate(0x40000, 1).is_none());
+        assert!(
+            v3.translate(0x10000, 1, Perm::Read).is_some(),
+            "outside the range"
+        );
+        assert!(v3.translate(0x40000, 1, Perm::Read).is_none());
     }
 
     #[test]
@@ -576,7 +597,13 @@ mod tests {
         let v = t.view();
         // Write-only: an RX buffer under a vIOMMU. What we write is the
         // driver's memory, not a copy.
-        let p = v.translate(0x10000, 4).expect("write-only entry mapped");
+        let p = v
+            .translate(0x10000, 4, Perm::Write)
+            .expect("write-only entry mapped");
+        assert!(
+            v.translate(0x10000, 4, Perm::Read).is_none(),
+            "not for reading"
+        );
         // SAFETY: 4 bytes inside the mapping.
         unsafe { std::ptr::copy_nonoverlapping(b"rxok".as_ptr(), p, 4) };
         let mut b = [0u8; 4];
@@ -585,6 +612,10 @@ mod tests {
         // Read-only: the driver's bytes, read through a shared mapping.
         f.write_at(b"txok", PAGE).unwrap();
         assert_eq!(read(&v, 0x20000, 4).unwrap(), b"txok");
+        assert!(
+            v.translate(0x20000, 4, Perm::Write).is_none(),
+            "not for writing"
+        );
     }
 
     #[test]
@@ -595,7 +626,7 @@ mod tests {
         dev.add(0x10000, 2 * PAGE, uapi::ACCESS_RW, f, 0);
         let mut t = Table::default();
         t.update(&dev, 0, u64::MAX).unwrap();
-        assert!(t.view().translate(0x10000, 1).is_none());
+        assert!(t.view().translate(0x10000, 1, Perm::Read).is_none());
     }
 
     /// The bounce domain's fd backs only the pages the driver mapped; a
@@ -620,13 +651,13 @@ mod tests {
         assert!(t.umem_registered());
         let (uaddr, usize_) = dev.umem.lock().unwrap().unwrap();
         assert_eq!(usize_, size);
-        assert_eq!(v.translate(0, 1).unwrap() as u64, uaddr);
-        assert!(v.translate(size, 1).is_some());
+        assert_eq!(v.translate(0, 1, Perm::Read).unwrap() as u64, uaddr);
+        assert!(v.translate(size, 1, Perm::Read).is_some());
         // After a reset the bounce map goes and comes back: the same
         // memory, not a second registration.
         t.clear();
         t.update(&dev, 0, u64::MAX).unwrap();
-        assert_eq!(t.view().translate(0, 1).unwrap() as u64, uaddr);
+        assert_eq!(t.view().translate(0, 1, Perm::Read).unwrap() as u64, uaddr);
     }
 
     #[test]

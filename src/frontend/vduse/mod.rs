@@ -30,7 +30,7 @@ use std::time::Duration;
 use log::{debug, error, info, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::dataplane::mem::MemView;
+use crate::dataplane::mem::{MemView, Perm};
 use crate::dataplane::ring::{ChainError, RingAddrs};
 use crate::dataplane::vring::Notifier;
 use crate::dataplane::worker::QpRef;
@@ -181,7 +181,7 @@ impl Notifier for Shared {
 /// memory (where a device that resumes must resume: every chain before it
 /// was used, none after it).
 fn used_idx(view: &MemView, used: u64) -> Option<u16> {
-    let p = view.translate(used.checked_add(2)?, 2)?;
+    let p = view.translate(used.checked_add(2)?, 2, Perm::Read)?;
     // SAFETY: translate checked both bytes lie in one mapping. Bytewise
     // volatile reads: no alignment assumed, no reference into guest memory.
     let b = unsafe {
@@ -272,8 +272,11 @@ impl Shared {
             // A new view only if it maps `addr` differently: else the
             // address is bad (or lacks the access needed) and the queue
             // stops.
-            let new = v.translate(addr, 1);
-            (new.is_some() && new != cur.translate(addr, 1)).then(|| {
+            let differs = [Perm::Read, Perm::Write].into_iter().any(|p| {
+                let new = v.translate(addr, 1, p);
+                new.is_some() && new != cur.translate(addr, 1, p)
+            });
+            differs.then(|| {
                 debug!("{}: IOVA {addr:#x} found on a miss", sh.name);
                 v
             })
@@ -435,7 +438,9 @@ impl Shared {
         }
         st.started = true;
         let event_idx = features & crate::net::F_EVENT_IDX != 0;
-        let low = view.translate(0, 1).is_some();
+        let low = [Perm::Read, Perm::Write]
+            .into_iter()
+            .any(|p| view.translate(0, 1, p).is_some());
         self.qp.apply(move |s| {
             s.mem = view;
             s.qp.sync_features(features);
@@ -991,7 +996,8 @@ mod tests {
         let mut buf = vec![0u8; 64];
         buf[0x12..0x14].copy_from_slice(&0xbeefu16.to_le_bytes());
         let mut v = MemView::empty();
-        assert!(v.add(0x1000, 64, buf.as_mut_ptr()));
+        // SAFETY: `buf` outlives the view.
+        assert!(unsafe { v.add(0x1000, 64, buf.as_mut_ptr(), Perm::ReadWrite) });
         // used->idx is at used + 2.
         assert_eq!(used_idx(&v, 0x1010), Some(0xbeef));
         assert_eq!(used_idx(&v, 0x103f), None, "past the mapping");
@@ -1011,7 +1017,7 @@ mod tests {
         let mut miss = sh.miss_handler();
         let empty = MemView::empty();
         let v = miss(&empty, 0x10800).expect("an entry the view lacks");
-        assert!(v.translate(0x10800, 1).is_some());
+        assert!(v.translate(0x10800, 1, Perm::Read).is_some());
         assert!(miss(&v, 0x10800).is_none(), "mapped the same: a bad access");
         assert!(miss(&v, 0xdead_0000).is_none(), "mapped nowhere");
         // The bounce map appears without a request: found on the miss, and
@@ -1019,8 +1025,11 @@ mod tests {
         fake.add(0, 0x4000, uapi::ACCESS_RW, Arc::new(memfd(0)), 0);
         let v2 = miss(&v, 0x100).expect("bounce map");
         let (uaddr, _) = fake.umem.lock().unwrap().unwrap();
-        assert_eq!(v2.translate(0, 1).unwrap() as u64, uaddr);
-        assert!(v2.translate(0x10800, 1).is_some(), "the rest is kept");
+        assert_eq!(v2.translate(0, 1, Perm::Read).unwrap() as u64, uaddr);
+        assert!(
+            v2.translate(0x10800, 1, Perm::Read).is_some(),
+            "the rest is kept"
+        );
         assert_eq!(
             *fake.get_info_calls.lock().unwrap(),
             1,
