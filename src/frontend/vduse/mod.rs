@@ -780,7 +780,10 @@ impl Port {
                 "{name}: destroying the VDUSE device a previous vfrelay (pid {}) left: {why}",
                 rec.pid
             );
-            // Detaching resets the device, which needs our answers.
+            // Detaching resets the device, which needs our answers; then
+            // the last reference to it goes (`sh` too) so it can be closed
+            // and destroyed.
+            drop(sh);
             self.destroy();
             return Ok(false);
         }
