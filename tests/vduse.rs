@@ -18,7 +18,12 @@
 //! 4. a second vfrelay with the same name starts at once, `--attach
 //!    vhost-vdpa`: /dev/vhost-vdpa-N appears and vdpa_probe (a static C
 //!    tool in the guest image) reads device id, features and the MAC
-//!    through the vhost-vdpa ioctls.
+//!    through the vhost-vdpa ioctls; vdpa_drive, a userspace driver that
+//!    picks every IOVA and permission as a guest behind a vIOMMU does,
+//!    gets its frame echoed into a write-only RX buffer (and again from a
+//!    buffer mapped while the device runs), has an RX buffer in read-only
+//!    memory refused and left untouched, and a TX buffer in a page past
+//!    its file's end (SIGBUS to touch) refused, vfrelay alive after each.
 //!
 //!     cargo nextest run --test vduse --run-ignored only
 
@@ -136,6 +141,14 @@ fn vduse_virtio_vdpa_vhost_vdpa_and_teardown() {
     udp_across(&mut g, "peer", "ctr", CTR_IP, "peer -> container UDP");
     udp_across(&mut g, "ctr", "peer", PEER_IP, "container -> peer UDP");
 
+    // The bounce buffer is ours (VDUSE_IOTLB_REG_UMEM), found when the
+    // first buffer in it missed.
+    let log = g.ok("cat /tmp/vf.log");
+    assert!(
+        log.contains("served from vfrelay's memory") && log.contains("found on a miss"),
+        "{log}"
+    );
+
     // --- 2. SIGKILL, and the same command again ---
     let cmd = format!(
         "RUST_LOG=debug vfrelay vduse --name {NAME} --attach virtio-vdpa --mac {MAC1} --backend af-xdp,ifname=vxa"
@@ -181,6 +194,10 @@ fn vduse_virtio_vdpa_vhost_vdpa_and_teardown() {
         2000,
     );
 
+    let log = g.ok("cat /tmp/vf.log");
+    eprintln!("--- vfrelay log (take-over) ---\n{log}");
+    assert!(log.contains("served from vfrelay's memory"), "{log}");
+
     // Served: a third vfrelay for the name is refused and leaves it alone.
     let (st, out) = g.run(&format!(
         "vfrelay vduse --name {NAME} --attach virtio-vdpa --backend loopback 2>&1"
@@ -223,7 +240,7 @@ fn vduse_virtio_vdpa_vhost_vdpa_and_teardown() {
         "RUST_LOG=debug vfrelay vduse --name {NAME} --attach virtio-vdpa --mac {MAC2} --backend loopback > /tmp/vf.log 2>&1 & echo $! > /tmp/vf.pid"
     ));
     g.wait_until(
-        &format!("grep -q 'attached to virtio_vdpa' /tmp/vf.log && ls /sys/bus/vdpa/devices/{NAME}/virtio*/net/ >/dev/null 2>&1"),
+        &format!("( grep -q 'attached to virtio_vdpa' /tmp/vf.log && ls /sys/bus/vdpa/devices/{NAME}/virtio*/net/ >/dev/null 2>&1 )"),
         "recreated device",
         60,
     );
@@ -289,6 +306,25 @@ fn vduse_virtio_vdpa_vhost_vdpa_and_teardown() {
     }
     assert!(feats & (1 << 17) == 0, "CTRL_VQ offered: {feats:#x}");
     assert!(probe.contains("vring_base0 0"), "GET_VQ_STATE: {probe}");
+    for (mode, want) in [
+        ("wo", "rx ok 2"),
+        ("ro-rx", "rx refused, memory untouched"),
+        ("past-eof", "tx refused"),
+    ] {
+        let (st, out) = g.run_timeout(&format!("vdpa_drive /dev/{vdev} {mode}"), secs(60));
+        let alive = g.run("kill -0 $(cat /tmp/vf.pid)").0 == 0;
+        assert!(
+            st == 0 && out.contains(want) && alive,
+            "vdpa_drive {mode}: exit {st}, vfrelay alive {alive}\n{out}\n--- vfrelay log ---\n{}",
+            g.run("cat /tmp/vf.log").1
+        );
+        eprintln!("vdpa_drive {mode}: {}", out.trim());
+    }
+    let log = g.ok("cat /tmp/vf.log");
+    assert!(
+        log.matches("stopping queue").count() >= 2,
+        "refused buffers not reported:\n{log}"
+    );
     g.ok("kill -TERM $(cat /tmp/vf.pid)");
     g.run_timeout("wait $(cat /tmp/vf.pid)", secs(60));
     let log = g.ok("cat /tmp/vf.log");
