@@ -579,7 +579,7 @@ fn describe_binding(name: &str) -> String {
         }
     }
     if found.is_empty() {
-        "nothing visible yet".into()
+        "nothing visible from this network namespace (yet)".into()
     } else {
         found.join(", ")
     }
