@@ -400,98 +400,8 @@ impl Table {
 }
 
 #[cfg(test)]
-pub(crate) mod fake {
-    //! A VDUSE IOTLB of memfds, for tests of the table and of the request
-    //! handling above it.
-    use super::*;
-    use std::fs::File;
-    use std::os::fd::FromRawFd;
-    use std::sync::Mutex;
-
-    pub fn memfd(len: u64) -> File {
-        // SAFETY: memfd_create with a valid name; the fd is ours.
-        let fd = unsafe { libc::memfd_create(c"vfx-iotlb-test".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: a fresh fd nothing else owns.
-        let f = unsafe { File::from_raw_fd(fd) };
-        f.set_len(len).unwrap();
-        f
-    }
-
-    #[derive(Default)]
-    pub struct FakeIotlb {
-        pub entries: Mutex<Vec<(IotlbEntry, Arc<File>)>>,
-        /// An entry at IOVA 0 of this size is the bounce map (CAP_UMEM).
-        pub bounce: Option<u64>,
-        pub refuse_umem: bool,
-        pub umem: Mutex<Option<(u64, u64)>>,
-        pub get_fd_calls: Mutex<u64>,
-        pub get_info_calls: Mutex<u64>,
-    }
-
-    impl FakeIotlb {
-        pub fn add(&self, start: u64, len: u64, perm: u8, file: Arc<File>, offset: u64) {
-            self.entries.lock().unwrap().push((
-                IotlbEntry {
-                    offset,
-                    start,
-                    last: start + len - 1,
-                    perm,
-                },
-                file,
-            ));
-        }
-        pub fn remove(&self, start: u64) {
-            self.entries
-                .lock()
-                .unwrap()
-                .retain(|(e, _)| e.start != start);
-        }
-        fn first(&self, start: u64, last: u64) -> Option<(IotlbEntry, Arc<File>)> {
-            let v = self.entries.lock().unwrap();
-            v.iter()
-                .filter(|(e, _)| e.start <= last && e.last >= start)
-                .min_by_key(|(e, _)| e.start)
-                .cloned()
-        }
-    }
-
-    impl IotlbDev for FakeIotlb {
-        fn get_fd(&self, start: u64, last: u64) -> Result<Option<(OwnedFd, IotlbEntry)>, Error> {
-            *self.get_fd_calls.lock().unwrap() += 1;
-            Ok(self
-                .first(start, last)
-                .map(|(e, f)| (f.try_clone().unwrap().into(), e)))
-        }
-        fn get_info(&self, start: u64, last: u64) -> Option<IovaInfo> {
-            *self.get_info_calls.lock().unwrap() += 1;
-            let (e, _) = self.first(start, last)?;
-            let bounce = e.start == 0 && Some(e.last + 1) == self.bounce;
-            Some(IovaInfo {
-                start: e.start,
-                last: e.last,
-                capability: bounce as u64,
-                ..Default::default()
-            })
-        }
-        fn reg_umem(&self, uaddr: u64, iova: u64, size: u64) -> io::Result<()> {
-            if self.refuse_umem {
-                return Err(io::Error::from_raw_os_error(libc::ENOMEM));
-            }
-            let mut u = self.umem.lock().unwrap();
-            if u.is_some() {
-                return Err(io::Error::from_raw_os_error(libc::EEXIST));
-            }
-            assert_eq!(iova, 0);
-            *u = Some((uaddr, size));
-            Ok(())
-        }
-    }
-}
-
-#[cfg(test)]
 mod tests {
-    use super::fake::{memfd, FakeIotlb};
+    use super::super::fake::{memfd, FakeDevice};
     use super::*;
     use std::os::unix::fs::FileExt;
 
@@ -527,7 +437,7 @@ mod tests {
     fn maps_an_entry_at_its_offset() {
         let f = Arc::new(memfd(3 * PAGE));
         f.write_at(b"hello", PAGE + 16).unwrap();
-        let dev = FakeIotlb::default();
+        let dev = FakeDevice::default();
         dev.add(0x10000, 2 * PAGE, uapi::ACCESS_RW, f, PAGE);
         let mut t = Table::default();
         t.update(&dev, 0, u64::MAX).unwrap();
@@ -539,7 +449,7 @@ mod tests {
     #[test]
     fn an_update_keeps_unchanged_mappings_and_drops_vanished_ones() {
         let f = Arc::new(memfd(16 * PAGE));
-        let dev = FakeIotlb::default();
+        let dev = FakeDevice::default();
         dev.add(0x10000, PAGE, uapi::ACCESS_RW, f.clone(), 0);
         dev.add(0x20000, PAGE, uapi::ACCESS_RW, f.clone(), PAGE);
         dev.add(0x30000, PAGE, uapi::ACCESS_RW, f.clone(), 2 * PAGE);
@@ -589,7 +499,7 @@ mod tests {
     #[test]
     fn write_only_and_read_only_entries_are_mapped_shared() {
         let f = Arc::new(memfd(2 * PAGE));
-        let dev = FakeIotlb::default();
+        let dev = FakeDevice::default();
         dev.add(0x10000, PAGE, uapi::ACCESS_WO, f.clone(), 0);
         dev.add(0x20000, PAGE, uapi::ACCESS_RO, f.clone(), PAGE);
         let mut t = Table::default();
@@ -622,7 +532,7 @@ mod tests {
     fn an_entry_past_the_end_of_its_file_is_refused() {
         // Touching the second page would be SIGBUS.
         let f = Arc::new(memfd(PAGE));
-        let dev = FakeIotlb::default();
+        let dev = FakeDevice::default();
         dev.add(0x10000, 2 * PAGE, uapi::ACCESS_RW, f, 0);
         let mut t = Table::default();
         t.update(&dev, 0, u64::MAX).unwrap();
@@ -638,7 +548,7 @@ mod tests {
     #[test]
     fn the_bounce_range_is_served_from_our_memory() {
         let size = 16 * PAGE;
-        let dev = FakeIotlb {
+        let dev = FakeDevice {
             bounce: Some(size),
             ..Default::default()
         };
@@ -663,7 +573,7 @@ mod tests {
     #[test]
     fn a_refused_umem_falls_back_to_the_kernels_pages() {
         let size = 4 * PAGE;
-        let dev = FakeIotlb {
+        let dev = FakeDevice {
             bounce: Some(size),
             refuse_umem: true,
             ..Default::default()

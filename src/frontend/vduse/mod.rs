@@ -14,13 +14,15 @@
 //! worker commands applied between bursts.
 
 pub mod dev;
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod fake;
 pub mod iotlb;
 pub mod netlink;
 pub mod state;
 pub mod uapi;
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,6 +39,7 @@ use crate::dataplane::worker::QpRef;
 use crate::dataplane::MissFn;
 use crate::net::NetConfig;
 use dev::{Control, Device, Request};
+use uapi::VqInfo;
 
 /// Virtqueues: receiveq1 (0) and transmitq1 (1). VDUSE refuses CTRL_VQ, so
 /// there is no way to negotiate more pairs.
@@ -137,9 +140,37 @@ struct State {
     status: u8,
 }
 
-struct Shared {
+/// What the request handler needs of a VDUSE device, besides the IOTLB:
+/// the real [`Device`] (its ioctls), or in tests and fuzzing
+/// [`fake::FakeDevice`]. The request thread's own reads and writes of the
+/// device stay [`Device`]'s ([`serve_requests`]).
+pub(crate) trait VduseDev: iotlb::IotlbDev + Send + Sync + 'static {
+    fn driver_features(&self) -> Result<u64, dev::Error>;
+    fn vq_info(&self, index: u32) -> Result<VqInfo, dev::Error>;
+    fn set_kickfd(&self, index: u32, fd: RawFd) -> Result<(), dev::Error>;
+    fn inject_irq(&self, index: u32) -> io::Result<()>;
+}
+
+impl VduseDev for Device {
+    fn driver_features(&self) -> Result<u64, dev::Error> {
+        Device::driver_features(self)
+    }
+    fn vq_info(&self, index: u32) -> Result<VqInfo, dev::Error> {
+        Device::vq_info(self, index)
+    }
+    fn set_kickfd(&self, index: u32, fd: RawFd) -> Result<(), dev::Error> {
+        Device::set_kickfd(self, index, fd)
+    }
+    fn inject_irq(&self, index: u32) -> io::Result<()> {
+        Device::inject_irq(self, index)
+    }
+}
+
+/// Generic over the device so tests and the `vduse` fuzz target run the
+/// same handler over a fake; the daemon's is `Shared<Device>`.
+pub(crate) struct Shared<D: VduseDev = Device> {
     name: String,
-    dev: Device,
+    dev: D,
     qsize: u16,
     qp: QpRef,
     state: Mutex<State>,
@@ -154,12 +185,9 @@ struct Shared {
     /// Ends the request thread (after detach: detaching needs answers).
     stop_requests: AtomicBool,
     broken: AtomicBool,
-    /// Tests: an IOTLB of memfds instead of the device's.
-    #[cfg(test)]
-    fake_iotlb: std::sync::OnceLock<Arc<iotlb::fake::FakeIotlb>>,
 }
 
-impl Notifier for Shared {
+impl<D: VduseDev> Notifier for Shared<D> {
     fn signal(&self, vq: u16) {
         if let Err(e) = self.dev.inject_irq(vq as u32) {
             debug!("{}: VQ_INJECT_IRQ {vq}: {e}", self.name);
@@ -193,16 +221,16 @@ fn used_idx(view: &MemView, used: u64) -> Option<u16> {
     Some(u16::from_le_bytes(b))
 }
 
-impl Shared {
+impl<D: VduseDev> Shared<D> {
     /// A device before DRIVER_OK: no rings, no memory view, nothing acked.
-    fn new(
+    pub(crate) fn new(
         name: String,
-        dev: Device,
+        dev: D,
         qsize: u16,
         qp: QpRef,
         store: state::Store,
         record: state::Record,
-    ) -> Result<Arc<Shared>, Error> {
+    ) -> Result<Arc<Shared<D>>, Error> {
         let efd = || EventFd::new(EFD_NONBLOCK).map_err(sys("eventfd"));
         let sh = Arc::new(Shared {
             name,
@@ -219,8 +247,6 @@ impl Shared {
             kicks: [efd()?, efd()?],
             stop_requests: AtomicBool::new(false),
             broken: AtomicBool::new(false),
-            #[cfg(test)]
-            fake_iotlb: std::sync::OnceLock::new(),
         });
         let n: Arc<dyn Notifier> = sh.clone();
         let miss = sh.miss_handler();
@@ -232,14 +258,6 @@ impl Shared {
         Ok(sh)
     }
 
-    fn iotlb_dev(&self) -> &dyn iotlb::IotlbDev {
-        #[cfg(test)]
-        if let Some(f) = self.fake_iotlb.get() {
-            return &**f;
-        }
-        &self.dev
-    }
-
     /// Re-reads the IOTLB in `[start, last]` and hands the worker the new
     /// view in one step (the old one is unmapped once the worker lets go
     /// of it). Returns once the worker uses it: the kernel may reuse what
@@ -247,7 +265,7 @@ impl Shared {
     fn refresh_view(&self, start: u64, last: u64) {
         let v = {
             let mut t = self.iotlb.lock().unwrap();
-            if let Err(e) = t.update(self.iotlb_dev(), start, last) {
+            if let Err(e) = t.update(&self.dev, start, last) {
                 error!("{}: reading the IOTLB: {e}", self.name);
             }
             t.view()
@@ -259,12 +277,12 @@ impl Shared {
     /// the kernel adds some mappings without telling us (the bounce map
     /// with the driver's first DMA mapping, coherent allocations). One
     /// lookup per miss, never one per round.
-    fn miss_handler(self: &Arc<Self>) -> MissFn {
+    pub(crate) fn miss_handler(self: &Arc<Self>) -> MissFn {
         let sh = Arc::downgrade(self);
         Box::new(move |cur: &MemView, addr: u64| {
             let sh = sh.upgrade()?;
             let mut t = sh.iotlb.lock().unwrap();
-            if let Err(e) = t.update(sh.iotlb_dev(), addr, addr) {
+            if let Err(e) = t.update(&sh.dev, addr, addr) {
                 debug!("{}: IOTLB lookup of {addr:#x}: {e}", sh.name);
                 return None;
             }
@@ -369,7 +387,7 @@ impl Shared {
     /// Takes over a device whose driver a killed vfrelay was serving (its
     /// status in our record says DRIVER_OK): the rings resume where the
     /// used rings say.
-    fn resume(self: &Arc<Self>, status: u8) -> Result<(), String> {
+    pub(crate) fn resume(self: &Arc<Self>, status: u8) -> Result<(), String> {
         let mut st = self.state.lock().unwrap();
         self.start(&mut st, true)?;
         st.status = status;
@@ -411,7 +429,7 @@ impl Shared {
         let view = {
             let mut t = self.iotlb.lock().unwrap();
             t.clear();
-            t.update(self.iotlb_dev(), 0, u64::MAX)
+            t.update(&self.dev, 0, u64::MAX)
                 .map_err(|e| format!("reading the IOTLB: {e}"))?;
             t.view()
         };
@@ -466,6 +484,39 @@ impl Shared {
         );
         Ok(())
     }
+
+    /// Lets go of the queue pair: its rings stopped and forgotten, and
+    /// with them their references to `self` (for interrupts, misses).
+    pub(crate) fn release_qp(&self) {
+        self.qp.apply(|s| {
+            s.rx.notifier = None;
+            s.tx.notifier = None;
+            s.miss = None;
+            s.reset();
+        });
+    }
+
+    /// The response to one request as read from the device; None for one
+    /// without an id to answer.
+    pub(crate) fn answer(self: &Arc<Self>, msg: &[u8]) -> Option<[u8; uapi::MSG_SIZE]> {
+        Some(match dev::parse_request(msg) {
+            Ok((id, req)) => {
+                let (ok, vq_state) = self.handle(req);
+                dev::encode_response(id, ok, vq_state)
+            }
+            Err((Some(id), e)) => {
+                warn!(
+                    "{}: malformed request {id}: {e}; answering FAILED",
+                    self.name
+                );
+                dev::encode_response(id, false, None)
+            }
+            Err((None, e)) => {
+                warn!("{}: malformed request without an id: {e}", self.name);
+                return None;
+            }
+        })
+    }
 }
 
 /// Answers the kernel's requests until told to stop or the device breaks.
@@ -500,19 +551,8 @@ fn serve_requests(sh: Arc<Shared>) {
                 continue;
             }
         };
-        let resp = match dev::parse_request(&buf[..len]) {
-            Ok((id, req)) => {
-                let (ok, vq_state) = sh.handle(req);
-                dev::encode_response(id, ok, vq_state)
-            }
-            Err((Some(id), e)) => {
-                warn!("{}: malformed request {id}: {e}; answering FAILED", sh.name);
-                dev::encode_response(id, false, None)
-            }
-            Err((None, e)) => {
-                warn!("{}: malformed request without an id: {e}", sh.name);
-                continue;
-            }
+        let Some(resp) = sh.answer(&buf[..len]) else {
+            continue;
         };
         if let Err(e) = sh.dev.write_response(&resp) {
             warn!("{}: writing a response: {e}", sh.name);
@@ -842,13 +882,7 @@ impl Port {
             let _ = t.join();
         }
         if let Some(sh) = &self.shared {
-            // The worker's rings hold the device (for interrupts) until now.
-            sh.qp.apply(|s| {
-                s.rx.notifier = None;
-                s.tx.notifier = None;
-                s.miss = None;
-                s.reset();
-            });
+            sh.release_qp();
         }
     }
 
@@ -904,6 +938,11 @@ mod tests {
             .write(true)
             .open("/dev/null")
             .unwrap();
+        shared_on(Device::from_file(file), poll)
+    }
+
+    /// The handler over `dev`, its queue pair on its own worker.
+    fn shared_on<D: VduseDev>(dev: D, poll: bool) -> Arc<Shared<D>> {
         let backend = BackendSpec::Loopback.open(1).unwrap().pop().unwrap();
         let worker = Arc::new(WorkerHandle::spawn(0, None, poll).unwrap());
         let key = QpKey { port: 1, index: 0 };
@@ -920,11 +959,11 @@ mod tests {
             queue_size: 256,
             status: 0,
         };
-        Shared::new("test".into(), Device::from_file(file), 256, qp, store, rec).unwrap()
+        Shared::new("test".into(), dev, 256, qp, store, rec).unwrap()
     }
 
     /// Removes what `shared` wrote (status records).
-    fn done(sh: Arc<Shared>) {
+    fn done<D: VduseDev>(sh: Arc<Shared<D>>) {
         let _ = std::fs::remove_dir_all(sh.store.dir());
     }
 
@@ -1009,13 +1048,13 @@ mod tests {
 
     #[test]
     fn the_miss_handler_maps_what_the_kernel_added_and_nothing_else() {
-        use iotlb::fake::{memfd, FakeIotlb};
-        let sh = shared(false);
-        let fake = Arc::new(FakeIotlb {
+        use fake::{memfd, FakeDevice};
+        let dev = FakeDevice {
             bounce: Some(0x4000),
             ..Default::default()
-        });
-        assert!(sh.fake_iotlb.set(fake.clone()).is_ok());
+        };
+        let sh = shared_on(dev, false);
+        let fake = &sh.dev;
         fake.add(0x10000, 0x1000, uapi::ACCESS_RW, Arc::new(memfd(0x1000)), 0);
         let mut miss = sh.miss_handler();
         let empty = MemView::empty();

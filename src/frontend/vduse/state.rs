@@ -102,12 +102,12 @@ impl Default for Store {
 }
 
 impl Store {
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn at(dir: PathBuf) -> Store {
         Store { dir }
     }
 
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn dir(&self) -> &std::path::Path {
         &self.dir
     }
