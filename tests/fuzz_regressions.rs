@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-/// The vhost-user check counts the process's open fds: nothing else in
+/// The vhost-user and VDUSE checks count the process's open fds: nothing else in
 /// this binary may open one meanwhile (nor rewrite a corpus being read).
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -48,6 +48,11 @@ fn ring_inputs() {
 #[test]
 fn vhost_user_inputs() {
     replay("vhost_user", vfrelay::fuzzing::vhost_user);
+}
+
+#[test]
+fn vduse_inputs() {
+    replay("vduse", vfrelay::fuzzing::vduse);
 }
 
 /// The committed seed corpora are what `vfrelay::fuzzing::seeds` writes

@@ -13,9 +13,11 @@
 
 mod ring;
 pub mod seeds;
+pub(crate) mod vduse;
 mod vhost_user;
 
 pub use ring::ring;
+pub use vduse::vduse;
 pub use vhost_user::vhost_user;
 
 use arbitrary::Unstructured;

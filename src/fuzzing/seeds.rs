@@ -1,5 +1,5 @@
 //! The seed corpora in `fuzz/corpus/<target>/`, written field by field in
-//! the formats `ring.rs` and `vhost_user.rs` read: a few valid sequences
+//! the formats `ring.rs`, `vhost_user.rs` and `vduse.rs` read: a few valid sequences
 //! each, for the fuzzer to start from. `tests/fuzz_regressions.rs` checks
 //! the committed files are these (and rewrites them with
 //! `VFRELAY_WRITE_SEEDS=1`).
@@ -11,6 +11,7 @@ use vhost::vhost_user::message::{
 };
 use vm_memory::ByteValued;
 
+use super::vduse::op as vd_op;
 use super::Out;
 use crate::frontend::vhost_user::device::{F_LOG_ALL, F_PROTOCOL_FEATURES};
 use crate::net;
@@ -23,6 +24,9 @@ pub fn all() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     }
     for (name, b) in vhost_user() {
         v.push(("vhost_user", name, b));
+    }
+    for (name, b) in vduse() {
+        v.push(("vduse", name, b));
     }
     v
 }
@@ -367,5 +371,249 @@ fn vhost_user() -> Vec<(&'static str, Vec<u8>)> {
         .msg(25, true, &cfg, &[])
         .msg(8, true, &state(7, 256), &[]);
     v.push(("config-and-refusals", s.0 .0));
+    v
+}
+
+// ---- vduse ----
+
+/// VDUSE input writer: the device, then operations (`vduse.rs`).
+struct Vd {
+    o: Out,
+    /// Requests so far (their ids), memfds made so far.
+    reqs: u32,
+    files: u8,
+}
+
+impl Vd {
+    /// A bounce map of `bounce_pages` (0: none); queue `i`'s rings at the
+    /// IOVA pages `rings[i]` (desc, avail, used), 256 entries, ready.
+    fn new(bounce_pages: u8, event_idx: bool, rings: [[u8; 3]; 2]) -> Vd {
+        let mut o = Out::default();
+        if bounce_pages == 0 {
+            o.u8(0);
+        } else {
+            o.u8(2 << 1).u8(bounce_pages - 1);
+        }
+        o.u8(event_idx as u8);
+        for r in rings {
+            // 1 << 8 entries.
+            o.u8(8).u8(r[0]).u8(r[1]).u8(r[2]).u16(0).u8(1);
+        }
+        Vd {
+            o,
+            reqs: 0,
+            files: 0,
+        }
+    }
+
+    fn req(&mut self, kind: u8) -> &mut Out {
+        self.reqs += 1;
+        let id = self.reqs;
+        self.o.u8(vd_op::REQUEST).u8(kind).u32(id).u8(0);
+        &mut self.o
+    }
+
+    fn status(&mut self, s: u8) -> &mut Self {
+        // Past the common values: this byte itself. No junk, full size.
+        self.req(1).u8(0x80).u8(s).u8(0).u8(0);
+        self
+    }
+
+    fn vq_state(&mut self, i: u8) -> &mut Self {
+        self.req(0).u8(i).u8(0).u8(0);
+        self
+    }
+
+    fn update(&mut self, start: u64, last: u64) -> &mut Self {
+        self.req(2).u8(0xff).u64(start).u64(last).u8(0).u8(0);
+        self
+    }
+
+    /// Of the request `kind`, cut to `len` bytes.
+    fn short(&mut self, kind: u8, len: u8) -> &mut Self {
+        self.req(kind).u8(0).u8(0).u8(0xff).u8(len);
+        self
+    }
+
+    fn unknown(&mut self, kind: u32) -> &mut Self {
+        self.reqs += 1;
+        let id = self.reqs;
+        self.o
+            .u8(vd_op::REQUEST)
+            .u8(0xff)
+            .u32(kind)
+            .u32(id)
+            .u8(0)
+            .u8(0)
+            .u8(0);
+        self
+    }
+
+    /// Memfd `i`, made with `pages` if there are not that many yet.
+    fn file(&mut self, i: u8, pages: u8) -> &mut Self {
+        self.o.u8(i);
+        if i >= self.files {
+            self.o.u8(pages);
+            self.files += 1;
+        }
+        self
+    }
+
+    /// An entry of `pages` at IOVA page `start`, file page `off`.
+    fn entry(&mut self, start: u8, pages: u8, off: u8, perm: u8, f: (u8, u8)) -> &mut Self {
+        self.o
+            .u8(vd_op::ADD_ENTRY)
+            .u8(0)
+            .u8(start)
+            .u8(pages - 1)
+            .u8(off)
+            .u8(perm - 1);
+        self.file(f.0, f.1)
+    }
+
+    fn bounce_entry(&mut self, f: (u8, u8)) -> &mut Self {
+        self.o.u8(vd_op::ADD_ENTRY).u8(0xff);
+        self.file(f.0, f.1)
+    }
+
+    fn remove(&mut self, i: u8) -> &mut Self {
+        self.o.u8(vd_op::REMOVE_ENTRY).u8(i);
+        self
+    }
+
+    /// `len` bytes at `off` into known entry `i`.
+    fn lookup(&mut self, i: u8, off: u32, len: u8, write: bool) -> &mut Self {
+        self.o
+            .u8(vd_op::LOOKUP)
+            .u8(i)
+            .u32(off)
+            .u8(len - 1)
+            .u8(write as u8);
+        self
+    }
+
+    /// `len` bytes at IOVA page `page`, whatever maps it.
+    fn lookup_page(&mut self, page: u8, len: u8, write: bool) -> &mut Self {
+        self.o
+            .u8(vd_op::LOOKUP)
+            .u8(0xc0)
+            .u8(page)
+            .u8(len - 1)
+            .u8(write as u8);
+        self
+    }
+
+    fn write(&mut self, f: (u8, u8), off: u32, data: &[u8]) -> &mut Self {
+        self.o.u8(vd_op::WRITE_FILE);
+        self.file(f.0, f.1);
+        self.o.u32(off).u8(data.len() as u8).bytes(data);
+        self
+    }
+
+    fn broken(&mut self, on: bool) -> &mut Self {
+        self.o.u8(vd_op::BROKEN).u8(on as u8);
+        self
+    }
+
+    fn rebind(&mut self, user_maps: bool) -> &mut Self {
+        self.o.u8(vd_op::REBIND).u8(user_maps as u8);
+        self
+    }
+
+    fn take_over(&mut self, status: u8) -> &mut Self {
+        self.o.u8(vd_op::TAKE_OVER).u8(status);
+        self
+    }
+}
+
+fn vduse() -> Vec<(&'static str, Vec<u8>)> {
+    let mut v = Vec::new();
+    const RW: u8 = 3;
+    const RO: u8 = 1;
+    const WO: u8 = 2;
+    let p = 4096u32;
+
+    // virtio_vdpa: the bounce map at 0 (our memory), the rings in a
+    // coherent allocation at page 16; an RX buffer posted and a TX frame
+    // waiting, both in the bounce range.
+    let mut s = Vd::new(16, true, [[16, 17, 18], [20, 21, 22]]);
+    s.status(0).status(1).status(3).status(0xb);
+    s.bounce_entry((0, 0))
+        .entry(16, 16, 0, RW, (1, 16))
+        .write((1, 0), 0, &desc(0x2000, 2048, 2))
+        .write((1, 0), p, &[0, 0, 1, 0, 0, 0])
+        .write((1, 0), 4 * p, &desc(0x1000, 72, 0))
+        .write((1, 0), 5 * p, &[0, 0, 1, 0, 0, 0]);
+    s.status(0xf)
+        .vq_state(0)
+        .vq_state(1)
+        .vq_state(2)
+        .lookup(1, 0x100, 16, false)
+        .lookup(0, 0x3000, 8, true)
+        .update(0, u64::MAX)
+        .lookup(1, 2 * p + 2, 2, false)
+        .status(0);
+    v.push(("virtio-vdpa", s.o.0));
+
+    // vhost_vdpa under a vIOMMU: IOVA 0 unmapped, read-only TX pages,
+    // write-only RX pages, holes, an entry past the end of its file; an
+    // entry unmapped and found stale until the kernel says so.
+    let mut s = Vd::new(0, false, [[16, 17, 18], [20, 21, 22]]);
+    s.entry(4, 2, 0, RO, (0, 8))
+        .entry(8, 2, 2, WO, (0, 0))
+        .entry(16, 8, 0, RW, (1, 8))
+        .entry(32, 8, 0, RW, (2, 1))
+        .status(0xb)
+        .status(0xf)
+        .lookup(0, 0x10, 64, false)
+        .lookup(0, 0x10, 64, true)
+        .lookup(1, 0x1ff0, 16, true)
+        .lookup(1, 0, 1, false)
+        .lookup(3, 0, 8, false)
+        .lookup_page(0, 1, false)
+        .lookup_page(12, 8, false)
+        .remove(0)
+        .lookup(3, 0x20, 8, false)
+        .update(4 * p as u64, 6 * p as u64 - 1)
+        .lookup(3, 0x20, 8, false)
+        .unknown(3)
+        .unknown(u32::MAX)
+        .short(1, 7)
+        .short(0, 100)
+        .update(9, 8)
+        .vq_state(5)
+        .status(0);
+    v.push(("vhost-vdpa-viommu", s.o.0));
+
+    // A vfrelay taking the device over: the rings resume at the used
+    // index the driver saw.
+    let mut s = Vd::new(0, false, [[16, 17, 18], [20, 21, 22]]);
+    s.entry(16, 8, 0, RW, (0, 8))
+        .write((0, 0), 2 * p + 2, &[5, 0])
+        .write((0, 0), 6 * p + 2, &[9, 0])
+        .take_over(0xf)
+        .vq_state(0)
+        .vq_state(1)
+        .status(0);
+    v.push(("take-over", s.o.0));
+
+    // The kernel gives up on the device; then serves it again after a
+    // reset, now for a vhost-vdpa user.
+    let mut s = Vd::new(4, false, [[16, 17, 18], [20, 21, 22]]);
+    s.bounce_entry((0, 0))
+        .entry(16, 8, 0, RW, (1, 8))
+        .status(0xf)
+        .broken(true)
+        .update(0, u64::MAX)
+        .status(0)
+        .broken(false)
+        .status(0)
+        .rebind(true)
+        .entry(16, 8, 0, RW, (2, 8))
+        .entry(64, 4, 0, RW, (3, 4))
+        .status(0xf)
+        .lookup(1, 0x100, 4, false)
+        .lookup_page(64, 4, true);
+    v.push(("broken-then-vhost-vdpa", s.o.0));
     v
 }

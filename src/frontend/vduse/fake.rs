@@ -49,6 +49,7 @@ pub struct FakeDevice {
 }
 
 impl FakeDevice {
+    #[cfg(test)]
     pub fn add(&self, start: u64, len: u64, perm: u8, file: Arc<File>, offset: u64) {
         let e = IotlbEntry {
             offset,
@@ -62,6 +63,7 @@ impl FakeDevice {
     pub fn insert(&self, e: IotlbEntry, file: Arc<File>) {
         self.entries.lock().unwrap().push((e, file));
     }
+    #[cfg(test)]
     pub fn remove(&self, start: u64) {
         self.entries
             .lock()

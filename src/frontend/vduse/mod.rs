@@ -258,6 +258,12 @@ impl<D: VduseDev> Shared<D> {
         Ok(sh)
     }
 
+    /// The device, for tests and the fuzz target to play the kernel.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn dev(&self) -> &D {
+        &self.dev
+    }
+
     /// Re-reads the IOTLB in `[start, last]` and hands the worker the new
     /// view in one step (the old one is unmapped once the worker lets go
     /// of it). Returns once the worker uses it: the kernel may reuse what

@@ -107,7 +107,7 @@ impl Store {
         Store { dir }
     }
 
-    #[cfg(any(test, feature = "fuzzing"))]
+    #[cfg(test)]
     pub fn dir(&self) -> &std::path::Path {
         &self.dir
     }
