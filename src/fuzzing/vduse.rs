@@ -350,20 +350,11 @@ fn check_response(m: &Msg, resp: Option<[u8; uapi::MSG_SIZE]>) {
     }
 }
 
-/// Where a translation may point: a file at an offset, or our bounce
-/// memory.
-struct Candidates {
-    files: Vec<(Arc<File>, u64)>,
-    umem: Vec<u64>,
-}
-
 /// Whether `p` (translated for `need`, `n` bytes checked) is one of
-/// `c`'s places: a marker written on one side is read on the other.
-/// Runs on the worker, between its bursts: its rings write guest memory.
-fn locate(p: *mut u8, need: Perm, n: usize, c: &Candidates, seq: u64) -> bool {
-    if c.umem.contains(&(p as u64)) {
-        return true;
-    }
+/// `files`' places (a file at an offset): a marker written on one side is
+/// read on the other. Runs on the worker, between its bursts: its rings
+/// write guest memory.
+fn locate(p: *mut u8, need: Perm, n: usize, files: &[(Arc<File>, u64)], seq: u64) -> bool {
     let marker = (seq | 0x8080_8080_8080_8080).to_le_bytes();
     let m = &marker[..n];
     match need {
@@ -373,12 +364,12 @@ fn locate(p: *mut u8, need: Perm, n: usize, c: &Candidates, seq: u64) -> bool {
                 // maps (n <= len); the caller holds the view.
                 unsafe { std::ptr::write_volatile(p.add(i), *b) };
             }
-            c.files.iter().any(|(f, off)| {
+            files.iter().any(|(f, off)| {
                 let mut got = [0u8; 8];
                 f.read_at(&mut got[..n], *off).is_ok_and(|k| k == n) && &got[..n] == m
             })
         }
-        _ => c.files.iter().any(|(f, off)| {
+        _ => files.iter().any(|(f, off)| {
             if f.write_at(m, *off).ok() != Some(n) {
                 return false;
             }
@@ -416,21 +407,16 @@ fn lookup(u: &mut In, sh: &Arc<Shared<FakeDevice>>, qp: &QpRef, model: &Model, s
         return;
     };
     let n = len.min(8) as usize;
-    let umem = *sh.dev().umem.lock().unwrap();
-    let mut c = Candidates {
-        files: Vec::new(),
-        umem: Vec::new(),
-    };
-    for k in all.iter().filter(|k| k.covers(addr, end, need)) {
-        if let Some((uaddr, size)) = umem {
-            if k.bounce && k.e.start == 0 && k.e.last.wrapping_add(1) == size {
-                c.umem.push(uaddr + addr);
-            }
-        }
+    let covering: Vec<&Known> = all
+        .into_iter()
+        .filter(|k| k.covers(addr, end, need))
+        .collect();
+    let mut files = Vec::new();
+    for k in &covering {
         let off = k.e.offset.checked_add(addr - k.e.start);
         let len = k.file.metadata().map(|m| m.len()).unwrap_or(0);
         if let Some(off) = off.filter(|o| o.checked_add(n as u64).is_some_and(|e| e <= len)) {
-            c.files.push((k.file.clone(), off));
+            files.push((k.file.clone(), off));
         }
     }
     let found = qp.apply(move |s| {
@@ -444,11 +430,19 @@ fn lookup(u: &mut In, sh: &Arc<Shared<FakeDevice>>, qp: &QpRef, model: &Model, s
             }
             p = s.mem.translate(addr, len, need);
         }
-        p.map(|p| locate(p, need, n, &c, seq))
+        p.map(|p| (p as u64, locate(p, need, n, &files, seq)))
     });
-    if let Some(Some(ok)) = found {
+    if let Some(Some((p, in_file))) = found {
+        // Our bounce memory, registered by the lookup itself perhaps.
+        let umem = *sh.dev().umem.lock().unwrap();
+        let in_umem = umem.is_some_and(|(uaddr, size)| {
+            p == uaddr + addr
+                && covering
+                    .iter()
+                    .any(|k| k.bounce && k.e.last.wrapping_add(1) == size)
+        });
         assert!(
-            ok,
+            in_file || in_umem,
             "IOVA {addr:#x}+{len:#x} ({need:?}) translated to memory no entry covering it \
              with that permission maps there"
         );
