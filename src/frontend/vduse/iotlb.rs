@@ -304,13 +304,15 @@ impl Table {
     /// from our memory, registering it the first time.
     fn umem_for(&mut self, dev: &dyn IotlbDev, e: &IotlbEntry) -> bool {
         let size = e.last.wrapping_add(1);
-        if let Some(u) = &self.umem {
-            // Registered for this size; the kernel refuses another.
-            return u.size == size;
+        match &self.umem {
+            // Registered for another size; the kernel refuses a second.
+            Some(u) if u.size != size => return false,
+            None if self.umem_refused => return false,
+            _ => {}
         }
-        if self.umem_refused {
-            return false;
-        }
+        // Asked even with our memory registered: after a reset the bounce
+        // map is gone, and an entry at IOVA 0 of the same size can be a
+        // vhost-vdpa user's memory (one GET_INFO per new entry at IOVA 0).
         let cap = dev
             .get_info(0, 0)
             .is_some_and(|i| i.start == 0 && i.last == e.last && i.capability & 1 != 0);
@@ -318,6 +320,9 @@ impl Table {
             // Not the bounce map (vhost-vdpa memory at IOVA 0), or a
             // kernel without VDUSE_IOVA_CAP_UMEM.
             return false;
+        }
+        if self.umem.is_some() {
+            return true;
         }
         self.umem_refused = true;
         if size == 0 || !size.is_multiple_of(PAGE) || size > isize::MAX as u64 {
@@ -568,6 +573,39 @@ mod tests {
         t.clear();
         t.update(&dev, 0, u64::MAX).unwrap();
         assert_eq!(t.view().translate(0, 1, Perm::Read).unwrap() as u64, uaddr);
+    }
+
+    /// After a reset the domain's bounce map is gone: an entry at IOVA 0
+    /// of the same size (a vhost-vdpa user's memory) is the user's, not
+    /// our bounce memory, though that stays registered.
+    #[test]
+    fn iova_0_after_the_bounce_map_is_not_our_memory() {
+        let size = 4 * PAGE;
+        let dev = FakeDevice {
+            bounce: Some(size),
+            ..Default::default()
+        };
+        dev.add(0, size, uapi::ACCESS_RW, Arc::new(memfd(0)), 0);
+        let mut t = Table::default();
+        t.update(&dev, 0, u64::MAX).unwrap();
+        assert!(t.umem_registered());
+        t.clear();
+        dev.remove(0);
+        dev.user_maps
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let f = Arc::new(memfd(size));
+        f.write_at(b"guest", 16).unwrap();
+        dev.add(0, size, uapi::ACCESS_RO, f.clone(), 0);
+        t.update(&dev, 0, u64::MAX).unwrap();
+        let v = t.view();
+        assert_eq!(read(&v, 16, 5).unwrap(), b"guest");
+        assert!(v.translate(16, 1, Perm::Write).is_none(), "read-only");
+        // Read-write the same: still the user's.
+        t.clear();
+        dev.remove(0);
+        dev.add(0, size, uapi::ACCESS_RW, f, 0);
+        t.update(&dev, 0, u64::MAX).unwrap();
+        assert_eq!(read(&t.view(), 16, 5).unwrap(), b"guest");
     }
 
     #[test]
