@@ -471,6 +471,7 @@ impl Vd {
         self.file(f.0, f.1)
     }
 
+    /// The bounce map (its file, the domain's, is not `f`: read, not used).
     fn bounce_entry(&mut self, f: (u8, u8)) -> &mut Self {
         self.o.u8(vd_op::ADD_ENTRY).u8(0xff);
         self.file(f.0, f.1)

@@ -138,17 +138,18 @@ fn vq_info(u: &mut In, index: u32) -> VqInfo {
 }
 
 /// An entry as the kernel might report it (or not: `last` before
-/// `start`, permissions that do not exist).
-fn entry(u: &mut In, bounce: Option<u64>) -> IotlbEntry {
+/// `start`, permissions that do not exist); true for the bounce map.
+fn entry(u: &mut In, bounce: Option<u64>) -> (IotlbEntry, bool) {
     let k = u.u8();
     if let (0xff, Some(b)) = (k, bounce) {
         // The bounce map: the whole range from 0, read-write.
-        return IotlbEntry {
+        let e = IotlbEntry {
             offset: 0,
             start: 0,
             last: b - 1,
             perm: uapi::ACCESS_RW,
         };
+        return (e, true);
     }
     let start = iova(u);
     let last = match u.u8() {
@@ -165,12 +166,13 @@ fn entry(u: &mut In, bounce: Option<u64>) -> IotlbEntry {
         p @ 0..=0xef => p % 3 + 1,
         p => p & 7,
     };
-    IotlbEntry {
+    let e = IotlbEntry {
         offset,
         start,
         last,
         perm,
-    }
+    };
+    (e, false)
 }
 
 /// One of the input's memfds, or a new one of any size.
@@ -503,6 +505,8 @@ fn run(data: &[u8], fx: &Fixture) {
     .expect("device");
     let fake = sh.dev();
     let mut files: Vec<Arc<File>> = Vec::new();
+    // The bounce domain's file (the bounce map's when our memory is not).
+    let mut domain: Option<Arc<File>> = None;
     let mut model = Model::default();
     let mut fresh = true;
     for seq in 0..MAX_OPS as u64 {
@@ -530,8 +534,15 @@ fn run(data: &[u8], fx: &Fixture) {
                 fresh = false;
             }
             op::ADD_ENTRY => {
-                let e = entry(&mut u, bounce);
-                let file = file(&mut u, &mut files);
+                let (e, bounce_map) = entry(&mut u, bounce);
+                let mut file = file(&mut u, &mut files);
+                if bounce_map && !fake.user_maps.load(Ordering::Relaxed) {
+                    // The domain's own file, which no user's entry has
+                    // (a user's entry of that range is a user's file).
+                    file = domain
+                        .get_or_insert_with(|| Arc::new(memfd(bounce.unwrap_or(0).min(MAX_FILE))))
+                        .clone();
+                }
                 let bounce = e.start == 0
                     && Some(e.last.wrapping_add(1)) == bounce
                     && e.perm == uapi::ACCESS_RW
