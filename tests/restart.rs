@@ -12,6 +12,11 @@
 //!   second daemon that is never killed: only the killed daemon's ports
 //!   pause; the other daemon's stream keeps its exact count and never
 //!   stops.
+//! - QEMU killed: a guest on two ports of one daemon (one where the daemon
+//!   is the socket server, one where it is the client) is killed and booted
+//!   again; each new guest pings through both, while a third port's
+//!   testpmd stream keeps its exact count and never stops, and the daemon
+//!   leaks no fd and no mapping.
 //!
 //! CPUs: testpmd busy-polls one of the two cores; the guest, the daemons
 //! (event mode, their worker on CPU 0) and the sender share the other. The
@@ -552,4 +557,146 @@ fn sigkill_of_a_daemon_pauses_only_its_own_ports() {
     guest.kill();
     assert_clean_exit(d1, "daemon 1");
     assert_clean_exit(d2, "daemon 2");
+}
+
+/// Open fds and mappings of process `pid`.
+fn fds_and_maps(pid: u32) -> (usize, usize) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc/PID/fd")
+        .count();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .expect("/proc/PID/maps")
+        .lines()
+        .count();
+    (fds, maps)
+}
+
+const QEMU_BOOTS: usize = 20;
+
+#[test]
+#[ignore = "needs root, QEMU, dpdk-testpmd, hugepages"]
+fn sigkill_of_qemu_leaves_the_daemons_other_ports_alone() {
+    let _one_at_a_time = dpdk::testpmd_turn();
+    // The guest's two NICs: eth0 on a port where the daemon is the socket
+    // server (QEMU the client, the usual case), eth1 on one where the
+    // daemon is the client (QEMU `server=on`).
+    let nets = [("10.77.34.2", "10.77.34.1"), ("10.77.35.2", "10.77.35.1")];
+    let wires: Vec<(Netns, Veth)> = nets
+        .iter()
+        .map(|(_, peer)| {
+            let (ns, veth) = (Netns::new(), Veth::new());
+            veth.peer_for_af_xdp(&ns, &format!("{peer}/24"));
+            (ns, veth)
+        })
+        .collect();
+    let dir = TempDir::new();
+    let d = Vfrelay::daemon(&dir.join("control.sock"), &["--workers", "0"]);
+    let (srv, cli, steady) = (
+        dir.join("vm.sock"),
+        dir.join("vmc.sock"),
+        dir.join("s.sock"),
+    );
+    let xdp = |i: usize| format!("af-xdp,ifname={}", wires[i].1.host);
+    add_port(&d, "vm", &srv, &["--backend", &xdp(0)]);
+    add_port(&d, "vmc", &cli, &["--client", "--backend", &xdp(1)]);
+    add_port(&d, "s", &steady, &["--backend", "loopback"]);
+    let watch = Watch::start(paced_testpmd(&[(steady.clone(), false)]), 0);
+    let zero = vec![PortStats::default()];
+    assert!(
+        watch.moved_since(&zero, &[0], secs(30))[0].is_some(),
+        "testpmd's stream does not move\n{}",
+        d.log_text()
+    );
+
+    let mut cfg = GuestConfig::vhost_user(&srv, 1).ip(&format!("{}/24", nets[0].0));
+    cfg.nets.push((
+        Net::VhostUser {
+            socket: cli.clone(),
+            queues: 1,
+            server: true,
+        },
+        "52:54:00:12:34:57".into(),
+    ));
+    let connected = |d: &Vfrelay| -> Vec<bool> {
+        d.ctl_list(&["port", "list", "--json"], "ports")
+            .iter()
+            .filter(|p| p["name"] != "s")
+            .map(|p| p["connected"] == true)
+            .collect()
+    };
+    let mut first = None;
+    let mut rounds = Vec::new();
+    for round in 1..=QEMU_BOOTS {
+        let t = Instant::now();
+        let mut guest = Guest::boot(&cfg);
+        guest.ok(&format!(
+            "ip addr add {}/24 dev eth1 && ip link set eth1 up",
+            nets[1].0
+        ));
+        for ((ip, peer), (ns, _)) in nets.iter().zip(&wires) {
+            let (st, out) = guest.retry(&format!("ping -c 1 -W 2 {peer}"), secs(30));
+            assert_eq!(
+                st,
+                0,
+                "round {round}: guest cannot reach {peer}:\n{out}\n{}",
+                d.log_text()
+            );
+            if let Err(out) = ns.ping(ip, 1, 1472) {
+                panic!(
+                    "round {round}: {peer} cannot reach the guest at {ip}:\n{out}\n{}",
+                    d.log_text()
+                );
+            }
+        }
+        assert_eq!(connected(&d), [true, true], "round {round}");
+        let up = t.elapsed();
+        let _ = watch.now();
+        guest.kill();
+        // Both connections are gone: the server port listens again, the
+        // client port tries to reconnect.
+        let gone = wait_until(secs(10), || connected(&d) == [false, false]);
+        assert!(
+            gone,
+            "round {round}: the daemon still sees a guest\n{}",
+            d.log_text()
+        );
+        assert!(srv.exists(), "round {round}: {} gone", srv.display());
+        let now = fds_and_maps(d.pid());
+        eprintln!(
+            "round {round}: guest up and pinging through both ports in {:.1} s; daemon fds {} maps {}",
+            up.as_secs_f64(),
+            now.0,
+            now.1
+        );
+        first.get_or_insert(now);
+        rounds.push(up);
+    }
+    let (first, last) = (first.unwrap(), fds_and_maps(d.pid()));
+    // The same state as after the first guest went: nothing may pile up.
+    assert!(
+        last.0 <= first.0 + 2 && last.1 <= first.1 + 4,
+        "fds {} -> {}, mappings {} -> {} after {QEMU_BOOTS} guests",
+        first.0,
+        last.0,
+        first.1,
+        last.1
+    );
+    let log = d.log();
+    let relisten = log.matches("vm: listening again").count();
+    assert_eq!(
+        relisten, QEMU_BOOTS,
+        "server port back to listening each time"
+    );
+    let (mut tp, longest) = watch.stop();
+    let fin = assert_exact_everywhere(&mut tp, 0, &d, "s");
+    let (median, worst) = median_worst(&mut rounds);
+    eprintln!(
+        "{QEMU_BOOTS} guests: boot to pinging median {median:.1} s, worst {worst:.1} s; daemon fds \
+         {} -> {}, mappings {} -> {}; the steady port: {fin:?}, longest stall {longest:?} \
+         (readings every {SAMPLE:?})",
+        first.0, last.0, first.1, last.1
+    );
+    let st = tp.quit(secs(30)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(st.success(), "testpmd exit: {st}");
+    assert_clean_exit(d, "daemon");
 }
