@@ -101,6 +101,7 @@ counters! {
     interrupts = "interrupts": "Interrupts sent to the guest.",
     interrupts_suppressed = "interrupts_suppressed": "Used-ring updates the guest asked not to be interrupted for (EVENT_IDX or NO_INTERRUPT).",
     dirty_pages_logged = "dirty_pages_logged": "Guest pages newly marked in the dirty log during migration.",
+    dirty_pages_beyond_log = "dirty_pages_beyond_log": "Guest pages written during migration that lie past the end of the front end's dirty log (its migration will not copy them again; should stay 0).",
     chain_errors = "": "",
     chain_avail_index = "chain_errors" {"kind" = "avail_index"}:
         "Malformed rings or descriptor chains, by kind; each stops its queue.",

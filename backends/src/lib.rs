@@ -88,6 +88,49 @@ pub struct BackendStats {
     pub completion_shortfall: u64,
 }
 
+/// A frame as scatter-gather segments, each readable for its length while
+/// `'a` lasts. Backends read through it without checking anything again, so
+/// making one is the unsafe step: the ring walker does it for segments it
+/// checked against guest memory, tests for buffers of their own.
+#[derive(Clone, Copy)]
+pub struct Segs<'a>(&'a [libc::iovec]);
+
+impl<'a> Segs<'a> {
+    /// # Safety
+    /// Every segment with a non-zero `iov_len` must be readable for
+    /// `iov_len` bytes from `iov_base` for as long as `'a`. The bytes may
+    /// change under the reader (guest memory): backends copy, never borrow.
+    #[inline]
+    pub unsafe fn new(iov: &'a [libc::iovec]) -> Self {
+        Segs(iov)
+    }
+}
+
+impl Segs<'_> {
+    /// Run `f` on segments over byte slices the caller holds (tests, and
+    /// frames vfrelay builds itself such as the RARP): safe, the slices are
+    /// borrowed for the whole call.
+    pub fn of<R>(bufs: &[&[u8]], f: impl FnOnce(Segs<'_>) -> R) -> R {
+        let iov: Vec<libc::iovec> = bufs
+            .iter()
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        // SAFETY: every segment is a slice borrowed for the call.
+        f(unsafe { Segs::new(&iov) })
+    }
+}
+
+impl std::ops::Deref for Segs<'_> {
+    type Target = [libc::iovec];
+    #[inline]
+    fn deref(&self) -> &[libc::iovec] {
+        self.0
+    }
+}
+
 /// Copy `n` bytes from `src` to `dst` (no overlap), inline for the sizes
 /// of small frames and headers: two possibly overlapping 16-, 32- or 64-byte
 /// moves instead of a call into libc's `memcpy`, whose size dispatch cost
@@ -142,7 +185,7 @@ pub trait Backend: Send {
     /// Returns `Ok(false)` when the backend is full and the frame was NOT
     /// taken (the dataplane retries it later); `Ok(true)` when it was taken
     /// (sent, queued or deliberately dropped and counted).
-    fn tx_frame(&mut self, segs: &[libc::iovec]) -> Result<bool>;
+    fn tx_frame(&mut self, segs: Segs<'_>) -> Result<bool>;
 
     /// Push queued frames out (e.g. one sendto() kick for a whole burst).
     fn tx_flush(&mut self) -> Result<()> {

@@ -2,7 +2,7 @@
 //! and destination MAC swapped. For benchmarks and tests: it has no fd, the
 //! dataplane runs RX right after TX on the same thread.
 
-use crate::{copy_frame, Backend, BackendStats, Result};
+use crate::{copy_frame, Backend, BackendStats, Result, Segs};
 
 /// Frames held at most; past this `tx_frame` reports full and the guest's TX
 /// ring backs up instead of frames being dropped.
@@ -51,11 +51,11 @@ impl Backend for Loopback {
         format!("loopback q{}", self.queue)
     }
 
-    fn tx_frame(&mut self, segs: &[libc::iovec]) -> Result<bool> {
+    fn tx_frame(&mut self, segs: Segs<'_>) -> Result<bool> {
         let Some(&slot) = self.free.last() else {
             return Ok(false);
         };
-        let total: usize = match segs {
+        let total: usize = match *segs {
             [one] => one.iov_len,
             _ => segs.iter().map(|s| s.iov_len).sum(),
         };
@@ -66,10 +66,10 @@ impl Backend for Loopback {
         self.free.pop();
         let buf = self.slot(slot);
         let mut off = 0;
-        for s in segs {
-            // SAFETY: the dataplane hands segments it validated against guest
-            // memory; they stay mapped for the call. Copy raw, never borrow.
-            // total <= SLOT_LEN, so every copy stays inside the slot.
+        for s in segs.iter() {
+            // SAFETY: `Segs` promises each segment is readable; copy raw,
+            // never borrow. total <= SLOT_LEN, so every copy stays inside
+            // the slot.
             unsafe {
                 copy_frame(
                     s.iov_base as *const u8,
@@ -120,13 +120,6 @@ impl Backend for Loopback {
 mod tests {
     use super::*;
 
-    fn iov(b: &[u8]) -> libc::iovec {
-        libc::iovec {
-            iov_base: b.as_ptr() as *mut _,
-            iov_len: b.len(),
-        }
-    }
-
     #[test]
     fn echoes_with_macs_swapped() {
         let mut lb = Loopback::new(0);
@@ -134,9 +127,7 @@ mod tests {
         frame[..6].copy_from_slice(&[1, 1, 1, 1, 1, 1]);
         frame[6..12].copy_from_slice(&[2, 2, 2, 2, 2, 2]);
         frame[59] = 0xab;
-        assert!(lb
-            .tx_frame(&[iov(&frame[..20]), iov(&frame[20..])])
-            .unwrap());
+        assert!(Segs::of(&[&frame[..20], &frame[20..]], |s| lb.tx_frame(s)).unwrap());
         let mut got = Vec::new();
         let n = lb.rx_burst(8, &mut |f| {
             got = f.to_vec();
@@ -153,9 +144,9 @@ mod tests {
         let mut lb = Loopback::new(0);
         let frame = [0u8; 64];
         for _ in 0..SLOTS {
-            assert!(lb.tx_frame(&[iov(&frame)]).unwrap());
+            assert!(Segs::of(&[&frame], |s| lb.tx_frame(s)).unwrap());
         }
-        assert!(!lb.tx_frame(&[iov(&frame)]).unwrap());
+        assert!(!Segs::of(&[&frame], |s| lb.tx_frame(s)).unwrap());
         assert_eq!(lb.rx_burst(8, &mut |_| false).unwrap(), 0);
         assert_eq!(lb.rx_burst(SLOTS * 2, &mut |_| true).unwrap(), SLOTS);
     }

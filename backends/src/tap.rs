@@ -21,7 +21,7 @@ use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use crate::{features, Backend, BackendStats, Error, Result, MAX_FRAME_LEN, VNET_HDR_LEN};
+use crate::{features, Backend, BackendStats, Error, Result, Segs, MAX_FRAME_LEN, VNET_HDR_LEN};
 
 /// Offloads a tap with IFF_VNET_HDR passes through.
 pub const OFFLOAD_FEATURES: u64 = features::CSUM
@@ -315,7 +315,7 @@ impl Backend for Tap {
         true
     }
 
-    fn tx_frame(&mut self, segs: &[libc::iovec]) -> Result<bool> {
+    fn tx_frame(&mut self, segs: Segs<'_>) -> Result<bool> {
         let total = segs.iter().fold(0usize, |a, s| a.saturating_add(s.iov_len));
         if segs.len() > libc::UIO_MAXIOV as usize
             || !(VNET_HDR_LEN..=MAX_FRAME_LEN).contains(&total)
@@ -329,9 +329,9 @@ impl Backend for Tap {
             return Ok(true);
         }
         loop {
-            // SAFETY: the kernel copies from the segments during the call; the
-            // dataplane guarantees they are mapped for its duration. No Rust
-            // references into guest memory are made.
+            // SAFETY: the kernel copies from the segments during the call,
+            // which `Segs` promises are readable. No Rust references into
+            // guest memory are made.
             let n = unsafe {
                 libc::writev(
                     self.fd.as_raw_fd(),

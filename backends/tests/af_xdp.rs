@@ -12,7 +12,7 @@ use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use vfrelay_backends::{af_xdp, Backend, XdpMode};
+use vfrelay_backends::{af_xdp, Backend, Segs, XdpMode};
 
 mod common;
 use common::{poll_in, PacketSock};
@@ -158,13 +158,6 @@ fn len_for(seq: u32) -> usize {
     60 + (seq as usize * 37) % 1455 // 60 ..= 1514
 }
 
-fn iov(b: &[u8]) -> libc::iovec {
-    libc::iovec {
-        iov_base: b.as_ptr() as *mut _,
-        iov_len: b.len(),
-    }
-}
-
 fn ethertype(f: &[u8]) -> u16 {
     u16::from_be_bytes([f[12], f[13]])
 }
@@ -174,7 +167,7 @@ fn tx(b: &mut dyn Backend, f: &[u8]) {
     let (a, rest) = f.split_at(10);
     let (m, z) = rest.split_at(rest.len() / 2);
     let end = Instant::now() + Duration::from_secs(2);
-    while !b.tx_frame(&[iov(a), iov(m), iov(z)]).unwrap() {
+    while !Segs::of(&[a, m, z], |s| b.tx_frame(s)).unwrap() {
         assert!(Instant::now() < end, "backend stayed full");
         b.tx_flush().unwrap();
         std::thread::sleep(Duration::from_millis(1));
@@ -236,7 +229,7 @@ fn frames_both_ways_exact_and_program_detached_on_drop() {
     }
     // Oversized for a UMEM frame: taken, dropped and counted, never sent.
     let big = frame(TYPE_FROM_HOST, 9999, 5000);
-    assert!(qs[0].tx_frame(&[iov(&big)]).unwrap());
+    assert!(Segs::of(&[&big], |s| qs[0].tx_frame(s)).unwrap());
     qs[0].tx_flush().unwrap();
     let got = peer_rx.recv(sent.len() + 1, Duration::from_millis(500));
     assert_eq!(got.len(), sent.len(), "frames received in the namespace");
@@ -490,7 +483,7 @@ fn tx_without_flush_makes_progress_and_full_means_pollout() {
     let (mut full, mut received) = (0, 0);
     for s in 0..n {
         let f = frame(TYPE_FROM_HOST, s, 60);
-        while !qs[0].tx_frame(&[iov(&f)]).unwrap() {
+        while !Segs::of(&[&f], |s| qs[0].tx_frame(s)).unwrap() {
             full += 1;
             let mut p = libc::pollfd {
                 fd,

@@ -7,7 +7,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use vfrelay_backends::{features, tap, Backend, VNET_HDR_LEN};
+use vfrelay_backends::{features, tap, Backend, Segs, VNET_HDR_LEN};
 
 mod common;
 use common::{if_index, poll_in, PacketSock, ETH_P_ALL};
@@ -64,13 +64,6 @@ fn frame(ethertype: u16, seq: u8, len: usize) -> Vec<u8> {
     f
 }
 
-fn iov(b: &[u8]) -> libc::iovec {
-    libc::iovec {
-        iov_base: b.as_ptr() as *mut _,
-        iov_len: b.len(),
-    }
-}
-
 /// Read frames of `ethertype` from the tap queue (skipping host noise such
 /// as IPv6 router solicitations) until `want` arrived or 2 s passed.
 fn rx_type(q: &mut dyn Backend, ethertype: u16, want: usize) -> Vec<Vec<u8>> {
@@ -113,21 +106,19 @@ fn frames_both_ways_exact() {
     // Guest -> host: header + frame split over three segments.
     let f = frame(TYPE_TO_HOST, 1, 200);
     let hdr = [0u8; VNET_HDR_LEN];
-    assert!(q
-        .tx_frame(&[iov(&hdr), iov(&f[..20]), iov(&f[20..])])
-        .unwrap());
+    assert!(Segs::of(&[&hdr, &f[..20], &f[20..]], |s| q.tx_frame(s)).unwrap());
     assert_eq!(ps.recv_type(TYPE_TO_HOST), f);
     let s = q.stats();
     assert_eq!((s.tx_frames, s.tx_bytes, s.tx_dropped), (1, 200, 0));
 
     // A malformed frame is dropped and counted, and the queue keeps going.
-    assert!(q.tx_frame(&[iov(&hdr[..5])]).unwrap());
+    assert!(Segs::of(&[&hdr[..5]], |s| q.tx_frame(s)).unwrap());
     let mut bad_hdr = [0u8; VNET_HDR_LEN];
     bad_hdr[1] = 0x55; // no such gso_type
-    assert!(q.tx_frame(&[iov(&bad_hdr), iov(&f)]).unwrap());
+    assert!(Segs::of(&[&bad_hdr, &f], |s| q.tx_frame(s)).unwrap());
     assert_eq!(q.stats().tx_dropped, 2);
     let f2 = frame(TYPE_TO_HOST, 2, 1514);
-    assert!(q.tx_frame(&[iov(&hdr), iov(&f2)]).unwrap());
+    assert!(Segs::of(&[&hdr, &f2], |s| q.tx_frame(s)).unwrap());
     assert_eq!(ps.recv_type(TYPE_TO_HOST), f2);
 
     // Host -> guest.

@@ -12,7 +12,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
 pub const LOG_PAGE_SHIFT: u32 = 12;
 /// Distinct 64-page words a cache holds before it must flush.
@@ -26,6 +26,8 @@ pub struct DirtyLog {
     /// need not be page aligned).
     base: *mut u8,
     len: usize,
+    /// Whether a write past the log's end was reported (once per log).
+    warned: AtomicBool,
 }
 
 // SAFETY: the mapping is shared memory written only with atomics; it is
@@ -69,6 +71,7 @@ impl DirtyLog {
             // SAFETY: delta < map_len.
             base: unsafe { map.add(delta as usize) },
             len: size as usize,
+            warned: AtomicBool::new(false),
         })
     }
 
@@ -78,14 +81,14 @@ impl DirtyLog {
     }
 
     /// OR `bits` into 64-bit word `word` (pages word*64 .. word*64+63).
-    /// Bits beyond the log's end are dropped: the front end sized the log to
-    /// cover guest memory, so they cannot describe a real page.
+    /// Returns how many of the pages were not marked yet, and how many lie
+    /// beyond the log's end: a front end sizes the log to cover guest
+    /// memory, so those are writes its migration will not copy again.
     #[inline]
-    /// Returns how many of the pages were not marked yet.
-    fn or_word(&self, word: u64, bits: u64) -> u32 {
+    fn or_word(&self, word: u64, bits: u64) -> (u32, u32) {
         let byte = word.saturating_mul(8);
         if byte >= self.len as u64 {
-            return 0;
+            return (0, bits.count_ones());
         }
         let byte = byte as usize;
         // SAFETY (both arms): byte (+8) is within the log; the base may be
@@ -94,17 +97,22 @@ impl DirtyLog {
         if byte + 8 <= self.len && (p as usize).is_multiple_of(8) {
             let old =
                 unsafe { &*(p as *const AtomicU64) }.fetch_or(bits.to_le(), Ordering::Relaxed);
-            (bits & !u64::from_le(old)).count_ones()
+            ((bits & !u64::from_le(old)).count_ones(), 0)
         } else {
-            let mut new = 0;
+            let (mut new, mut beyond) = (0, 0);
             for (i, b) in bits.to_le_bytes().iter().enumerate() {
-                if *b != 0 && byte + i < self.len {
+                if *b == 0 {
+                    continue;
+                }
+                if byte + i < self.len {
                     let old =
                         unsafe { &*(p.add(i) as *const AtomicU8) }.fetch_or(*b, Ordering::Relaxed);
                     new += (*b & !old).count_ones();
+                } else {
+                    beyond += b.count_ones();
                 }
             }
-            new
+            (new, beyond)
         }
     }
 
@@ -128,6 +136,8 @@ pub struct LogCache {
     n: usize,
     /// Pages newly marked by flushes since [`Self::take_marked`].
     marked: u64,
+    /// Pages written past the log's end since [`Self::take_marked`].
+    beyond: u64,
 }
 
 impl Default for LogCache {
@@ -136,6 +146,7 @@ impl Default for LogCache {
             words: [(0, 0); CACHE_WORDS],
             n: 0,
             marked: 0,
+            beyond: 0,
         }
     }
 }
@@ -182,16 +193,34 @@ impl LogCache {
 
     /// Write the collected bits to the shared log.
     pub fn flush(&mut self, log: &DirtyLog) {
+        let mut beyond = 0;
         for &(w, b) in &self.words[..self.n] {
-            self.marked += u64::from(log.or_word(w, b));
+            let (new, past) = log.or_word(w, b);
+            self.marked += u64::from(new);
+            beyond += u64::from(past);
         }
         self.n = 0;
+        if beyond > 0 {
+            self.beyond += beyond;
+            // Once per log: a front end that means it would flood the log.
+            if !log.warned.swap(true, Ordering::Relaxed) {
+                log::warn!(
+                    "wrote guest pages past the end of the dirty log ({} pages long): \
+                     the front end's log does not cover its memory, and its \
+                     migration will not copy those pages again",
+                    log.pages()
+                );
+            }
+        }
     }
 
-    /// Pages the flushes marked that were not marked before, since the
-    /// last call.
-    pub fn take_marked(&mut self) -> u64 {
-        std::mem::take(&mut self.marked)
+    /// Pages the flushes marked that were not marked before, and pages
+    /// written past the log's end, since the last call.
+    pub fn take_marked(&mut self) -> (u64, u64) {
+        (
+            std::mem::take(&mut self.marked),
+            std::mem::take(&mut self.beyond),
+        )
     }
 }
 
@@ -257,7 +286,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn beyond_the_log_is_ignored_and_unaligned_offset_works() {
+    fn beyond_the_log_is_counted_and_unaligned_offset_works() {
         let fd = memfd(8192);
         // A 13-byte log at an unaligned offset: the tail needs byte access.
         let log = DirtyLog::map(fd.as_fd(), 4099, 13).unwrap();
@@ -268,6 +297,9 @@ pub(crate) mod tests {
         c.mark(&log, u64::MAX - 10, 100);
         c.flush(&log);
         assert_eq!(set_pages(&log), vec![103]);
+        // Not dropped silently: page 104 (the last byte's neighbour) and
+        // the last page of the address space are counted.
+        assert_eq!(c.take_marked(), (1, 2));
         // The bit landed at byte 4099 + 12 of the file.
         let raw = unsafe {
             let m = libc::mmap(

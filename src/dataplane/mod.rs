@@ -231,7 +231,7 @@ impl Backend for Lent {
     fn describe(&self) -> String {
         "lent to another queue pair".into()
     }
-    fn tx_frame(&mut self, _segs: &[libc::iovec]) -> vfrelay_backends::Result<bool> {
+    fn tx_frame(&mut self, _segs: vfrelay_backends::Segs<'_>) -> vfrelay_backends::Result<bool> {
         // The guest does not use a disabled pair's TX ring; should it, the
         // frame has nowhere to go.
         Ok(true)
@@ -304,24 +304,13 @@ impl QueuePair {
     pub fn announce(&mut self, mac: &[u8; 6]) {
         let frame = crate::net::rarp_frame(mac);
         let hdr = [0u8; vfrelay_backends::VNET_HDR_LEN];
-        let mut segs = [
-            libc::iovec {
-                iov_base: hdr.as_ptr() as *mut libc::c_void,
-                iov_len: hdr.len(),
-            },
-            libc::iovec {
-                iov_base: frame.as_ptr() as *mut libc::c_void,
-                iov_len: frame.len(),
-            },
-        ];
-        let segs: &mut [libc::iovec] = if self.backend.vnet_hdr() {
-            &mut segs
+        let parts: &[&[u8]] = if self.backend.vnet_hdr() {
+            &[&hdr, &frame]
         } else {
-            &mut segs[1..]
+            &[&frame]
         };
-        match self
-            .backend
-            .tx_frame(segs)
+        let backend = &mut self.backend;
+        match vfrelay_backends::Segs::of(parts, |s| backend.tx_frame(s))
             .and_then(|_| self.backend.tx_flush())
         {
             Ok(()) => {}
@@ -438,7 +427,9 @@ impl QueuePair {
                 .finish(rx, log, &mut self.log_cache, &mut self.stats);
         }
         if log.is_some() {
-            self.stats.dirty_pages_logged += self.log_cache.take_marked();
+            let (marked, beyond) = self.log_cache.take_marked();
+            self.stats.dirty_pages_logged += marked;
+            self.stats.dirty_pages_beyond_log += beyond;
         }
         if moved > 0 || self.stats_dirty {
             self.publish_round();

@@ -8,7 +8,7 @@
 
 use std::sync::atomic::{fence, AtomicU16, Ordering};
 
-use super::mem::{MemView, Region};
+use super::mem::{MemView, Perm, Region};
 
 use virtio_bindings::virtio_ring as vr;
 
@@ -40,7 +40,7 @@ pub enum ChainError {
     IndexOutOfRange { index: u16, size: u32 },
     #[error("descriptor chain longer than {limit} entries (loop?)")]
     TooLong { limit: u32 },
-    #[error("buffer {addr:#x}+{len} is outside guest memory")]
+    #[error("buffer {addr:#x}+{len} is outside the guest memory this queue may use")]
     BadAddress { addr: u64, len: u32 },
     #[error("device-writable descriptor in a chain the device must only read")]
     WriteOnlyInReadChain,
@@ -71,12 +71,18 @@ pub enum ChainError {
 
 /// One flattened descriptor chain: host iovecs plus their guest addresses
 /// (for dirty logging). Allocated once per queue and reused.
+///
+/// Only [`SplitRing::pop`] fills one, with segments it checked against the
+/// queue's memory view: the fields are private so that what the rest of
+/// the dataplane dereferences (through [`segs`](Chain::segs) and
+/// [`iov`](Chain::iov)) is always what the walker checked. A chain is used
+/// within the burst it was popped in, while the worker holds that view.
 #[derive(Debug)]
 pub struct Chain {
-    pub head: u16,
-    pub iov: Vec<libc::iovec>,
-    pub gpa: Vec<u64>,
-    pub len: u64,
+    head: u16,
+    iov: Vec<libc::iovec>,
+    gpa: Vec<u64>,
+    len: u64,
 }
 
 // SAFETY: the iovecs point into guest memory owned by the queue's MemView;
@@ -100,6 +106,61 @@ impl Chain {
         self.gpa.clear();
         self.len = 0;
     }
+
+    /// The chain's head descriptor index (what goes back in the used ring).
+    #[inline]
+    pub fn head(&self) -> u16 {
+        self.head
+    }
+
+    /// Bytes the chain carries.
+    #[inline]
+    pub fn bytes(&self) -> u64 {
+        self.len
+    }
+
+    /// Host segments, each inside the guest memory `pop` checked.
+    #[inline]
+    pub fn iov(&self) -> &[libc::iovec] {
+        &self.iov
+    }
+
+    /// Guest address of each segment in [`iov`](Self::iov).
+    #[inline]
+    pub fn gpa(&self) -> &[u64] {
+        &self.gpa
+    }
+
+    /// The segments, for a backend to read.
+    #[inline]
+    pub fn segs(&self) -> vfrelay_backends::Segs<'_> {
+        // SAFETY: `pop` translated every segment inside the memory view of
+        // this burst, which the worker keeps mapped while the chain is used.
+        unsafe { vfrelay_backends::Segs::new(&self.iov) }
+    }
+
+    /// Drop the first `n` bytes (a header the backend does not take).
+    pub fn skip_front(&mut self, mut n: usize) {
+        let mut drop = 0;
+        for (v, gpa) in self.iov.iter_mut().zip(self.gpa.iter_mut()) {
+            if n == 0 {
+                break;
+            }
+            let k = n.min(v.iov_len);
+            // SAFETY: k <= iov_len, stays inside the segment.
+            v.iov_base = unsafe { (v.iov_base as *mut u8).add(k) } as *mut libc::c_void;
+            v.iov_len -= k;
+            *gpa += k as u64;
+            n -= k;
+            if v.iov_len == 0 {
+                drop += 1;
+            }
+        }
+        if drop > 0 {
+            self.iov.drain(..drop);
+            self.gpa.drain(..drop);
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -110,17 +171,42 @@ struct Desc {
     next: u16,
 }
 
+/// Read one descriptor, once. Volatile: the guest may rewrite it at any
+/// moment, and a plain copy lets the compiler read guest memory again where
+/// the code uses the local copy, so a value could change between its check
+/// and its use.
+///
 /// # Safety
 /// `p` must point to 16 readable bytes.
 #[inline]
 unsafe fn read_desc(p: *const u8) -> Desc {
-    let mut b = [0u8; 16];
-    std::ptr::copy_nonoverlapping(p, b.as_mut_ptr(), 16);
+    let (lo, hi) = if (p as usize).is_multiple_of(8) {
+        // SAFETY: the caller's 16 bytes, 8-aligned (the descriptor table
+        // always is; an indirect table usually).
+        unsafe {
+            (
+                std::ptr::read_volatile(p as *const u64),
+                std::ptr::read_volatile(p.add(8) as *const u64),
+            )
+        }
+    } else {
+        let mut b = [0u8; 16];
+        for (i, byte) in b.iter_mut().enumerate() {
+            // SAFETY: i < 16, inside the caller's 16 bytes.
+            *byte = unsafe { std::ptr::read_volatile(p.add(i)) };
+        }
+        (
+            u64::from_ne_bytes(b[0..8].try_into().unwrap()),
+            u64::from_ne_bytes(b[8..16].try_into().unwrap()),
+        )
+    };
+    // Little-endian fields: addr, then len, flags and next in the 2nd word.
+    let (lo, hi) = (u64::from_le(lo), u64::from_le(hi));
     Desc {
-        addr: u64::from_le_bytes(b[0..8].try_into().unwrap()),
-        len: u32::from_le_bytes(b[8..12].try_into().unwrap()),
-        flags: u16::from_le_bytes(b[12..14].try_into().unwrap()),
-        next: u16::from_le_bytes(b[14..16].try_into().unwrap()),
+        addr: lo,
+        len: hi as u32,
+        flags: (hi >> 32) as u16,
+        next: (hi >> 48) as u16,
     }
 }
 
@@ -278,9 +364,17 @@ impl SplitRing {
         {
             return Err(bad);
         }
-        let desc = mem.translate(a.desc, 16 * n).ok_or(bad.clone())?;
-        let avail = mem.translate(a.avail, 6 + 2 * n).ok_or(bad.clone())?;
-        let used = mem.translate(a.used, 6 + 8 * n).ok_or(bad.clone())?;
+        // The device reads the descriptors and the avail ring; it writes the
+        // used ring and reads its index back.
+        let desc = mem
+            .translate(a.desc, 16 * n, Perm::Read)
+            .ok_or(bad.clone())?;
+        let avail = mem
+            .translate(a.avail, 6 + 2 * n, Perm::Read)
+            .ok_or(bad.clone())?;
+        let used = mem
+            .translate(a.used, 6 + 8 * n, Perm::ReadWrite)
+            .ok_or(bad.clone())?;
         // The indices are read as atomics through these pointers: a region
         // mapped at an odd host offset must not make them misaligned.
         if !(desc as usize).is_multiple_of(16)
@@ -416,16 +510,17 @@ impl SplitRing {
         // descriptor again and decides on that copy alone.
         // SAFETY: head < size, inside the translated table.
         let d = unsafe { read_desc(self.desc.add(16 * head as usize)) };
+        let need = Perm::for_buffers(writable);
         if d.flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT) == 0
             && d.len > 0
             && (d.flags & VRING_DESC_F_WRITE != 0) == writable
             && d.len as u64 <= max_len
         {
-            let host = match self.hot.translate(d.addr, d.len as u64) {
+            let host = match self.hot.translate(d.addr, d.len as u64, need) {
                 Some(h) => Some(h),
-                None => mem.region(d.addr).and_then(|r| {
+                None => mem.region(d.addr, need).and_then(|r| {
                     self.hot = r;
-                    self.hot.translate(d.addr, d.len as u64)
+                    self.hot.translate(d.addr, d.len as u64, need)
                 }),
             };
             if let Some(host) = host {
@@ -468,12 +563,12 @@ impl SplitRing {
                         max: MAX_INDIRECT,
                     });
                 }
-                table = mem
-                    .translate(d.addr, d.len as u64)
-                    .ok_or(ChainError::BadAddress {
+                table = mem.translate(d.addr, d.len as u64, Perm::Read).ok_or(
+                    ChainError::BadAddress {
                         addr: d.addr,
                         len: d.len,
-                    })?;
+                    },
+                )?;
                 table_len = d.len / 16;
                 ttl = table_len;
                 in_indirect = true;
@@ -499,12 +594,12 @@ impl SplitRing {
             let mut addr = d.addr;
             let mut left = d.len as u64;
             while left > 0 {
-                let (host, n) = mem
-                    .translate_prefix(addr, left)
-                    .ok_or(ChainError::BadAddress {
-                        addr: d.addr,
-                        len: d.len,
-                    })?;
+                let (host, n) =
+                    mem.translate_prefix(addr, left, need)
+                        .ok_or(ChainError::BadAddress {
+                            addr: d.addr,
+                            len: d.len,
+                        })?;
                 if out.iov.len() == MAX_SEGS {
                     return Err(ChainError::TooManySegments);
                 }
@@ -567,7 +662,7 @@ impl SplitRing {
                 // Only buffers in the cached region: a table search for a
                 // hint would cost more than most misses it could hide.
                 if d.flags & VRING_DESC_F_INDIRECT == 0 {
-                    if let Some(p) = self.hot.translate(d.addr, 1) {
+                    if let Some(p) = self.hot.translate(d.addr, 1, Perm::for_buffers(write)) {
                         prefetch_buffer(p as usize, d.len as usize, write, skip);
                     }
                 }
@@ -606,11 +701,14 @@ impl SplitRing {
     /// Write a used entry (not yet visible: see `publish_used`).
     pub fn put_used(&mut self, head: u16, len: u32) {
         let slot = self.slot(self.next_used);
-        let mut e = [0u8; 8];
-        e[..4].copy_from_slice(&(head as u32).to_le_bytes());
-        e[4..].copy_from_slice(&len.to_le_bytes());
-        // SAFETY: slot < size; the used ring was translated for 6 + 8*size bytes.
-        unsafe { std::ptr::copy_nonoverlapping(e.as_ptr(), self.used.add(4 + 8 * slot), 8) };
+        // SAFETY: slot < size; the used ring was translated for 6 + 8*size
+        // bytes and is 4-aligned (checked in new). Volatile stores, each
+        // done once, into memory the guest reads concurrently.
+        unsafe {
+            let e = self.used.add(4 + 8 * slot) as *mut u32;
+            std::ptr::write_volatile(e, (head as u32).to_le());
+            std::ptr::write_volatile(e.add(1), len.to_le());
+        }
         self.next_used = self.next_used.wrapping_add(1);
     }
 
@@ -995,13 +1093,35 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn skip_front_across_segments_keeps_guest_addresses_in_step() {
+        let a = [0u8; 8];
+        let b = [0u8; 8];
+        let mut c = Chain::default();
+        for (buf, gpa) in [(&a, 0x1000u64), (&b, 0x5000)] {
+            c.iov.push(libc::iovec {
+                iov_base: buf.as_ptr() as *mut _,
+                iov_len: 8,
+            });
+            c.gpa.push(gpa);
+        }
+        c.skip_front(12);
+        assert_eq!((c.iov().len(), c.gpa().len()), (1, 1));
+        assert_eq!(c.iov()[0].iov_len, 4);
+        assert_eq!(c.iov()[0].iov_base as *const u8, unsafe {
+            b.as_ptr().add(4)
+        });
+        assert_eq!(c.gpa()[0], 0x5004);
+    }
+
+    #[test]
     fn buffer_across_adjacent_regions_is_split() {
         let mut d = Driver::new();
         let mut extra = vec![0u8; 0x1000];
         d.set_desc(DESC, 0, BASE + 0x40000 - 0x10, 0x20, 0, 0);
         d.push_avail(0);
         let mut view = d.mem.view();
-        assert!(view.add(BASE + 0x40000, 0x1000, extra.as_mut_ptr()));
+        // SAFETY: `extra` outlives the view.
+        assert!(unsafe { view.add(BASE + 0x40000, 0x1000, extra.as_mut_ptr(), Perm::ReadWrite) });
         let mut r = SplitRing::new(&view, Driver::addrs()).unwrap();
         r.pending().unwrap();
         let mut c = Chain::default();

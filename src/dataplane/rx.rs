@@ -86,7 +86,7 @@ unsafe fn write_unless_equal(dst: *mut u8, src: &[u8]) {
 
 /// Host and guest address of byte `off` of a chain.
 fn byte_at(chain: &Chain, mut off: usize) -> Option<(*mut u8, u64)> {
-    for (v, gpa) in chain.iov.iter().zip(&chain.gpa) {
+    for (v, gpa) in chain.iov().iter().zip(chain.gpa()) {
         if off < v.iov_len {
             // SAFETY: off < iov_len, inside a segment checked against guest
             // memory when the chain was popped.
@@ -100,7 +100,7 @@ fn byte_at(chain: &Chain, mut off: usize) -> Option<(*mut u8, u64)> {
 
 /// Mark the first `written` bytes of a chain dirty.
 fn log_written(chain: &Chain, mut written: usize, log: &DirtyLog, cache: &mut LogCache) {
-    for (v, gpa) in chain.iov.iter().zip(&chain.gpa) {
+    for (v, gpa) in chain.iov().iter().zip(chain.gpa()) {
         if written == 0 {
             break;
         }
@@ -215,18 +215,18 @@ fn deliver(
         }
         ring.prefetch(pending, true, 0);
         ring.pop(mem, true, MAX_RX_CHAIN, chain)?;
-        if (chain.len as usize) < total {
+        if (chain.bytes() as usize) < total {
             // Give the buffer back for a smaller frame.
             ring.unpop(1);
             return Ok(Delivery::TooBig);
         }
-        let mut c = Cursor::new(&chain.iov);
+        let mut c = Cursor::new(chain.iov());
         c.write(&h[..hdr_len]);
         c.write(payload);
         if let Some((l, cache)) = log {
             log_written(chain, total, l, cache);
         }
-        ring.put_used(chain.head, total as u32);
+        ring.put_used(chain.head(), total as u32);
         return Ok(Delivery::Done);
     }
 
@@ -263,7 +263,7 @@ fn deliver(
         if let Err(e) = ring.pop(mem, true, MAX_RX_CHAIN, chain) {
             return abandon(ring, used, e);
         }
-        let written = match chain.iov.as_slice() {
+        let written = match chain.iov() {
             // The whole rest fits the chain's one buffer (small frames in
             // mergeable buffers): the header (unless already there) and
             // the payload, no cursor.
@@ -306,7 +306,7 @@ fn deliver(
             };
             return abandon(ring, used, e);
         }
-        ring.put_used(chain.head, written as u32);
+        ring.put_used(chain.head(), written as u32);
         used += 1;
     }
     if used > 1 {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use vfrelay_backends::loopback::Loopback;
 
 use super::mem::test_mem::TestMem;
-use super::mem::MemView;
+use super::mem::{MemView, Perm};
 use super::ring::{RingAddrs, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use super::*;
 
@@ -597,7 +597,15 @@ fn a_buffer_across_two_regions_is_logged_in_both() {
     let mut extra = vec![0u8; 0x4000];
     let second = BASE + 0x100000;
     let mut view = g.mem.view();
-    assert!(view.add(second, extra.len() as u64, extra.as_mut_ptr()));
+    // SAFETY: `extra` outlives the view.
+    assert!(unsafe {
+        view.add(
+            second,
+            extra.len() as u64,
+            extra.as_mut_ptr(),
+            Perm::ReadWrite,
+        )
+    });
     g.view = Arc::new(view);
     let mut q = qp();
     // One RX buffer whose first 100 bytes are the last of region 1.
@@ -616,6 +624,40 @@ fn a_buffer_across_two_regions_is_logged_in_both() {
 }
 
 #[test]
+fn rx_into_memory_the_device_may_only_read_stops_the_queue_untouched() {
+    // A VDUSE driver maps TX buffers read-only: an RX descriptor pointing
+    // there must stop the RX queue, not write where the guest never sees it.
+    let mut g = Guest::new();
+    let mut ro = vec![0u8; 0x4000];
+    let second = BASE + 0x100000;
+    let mut view = g.mem.view();
+    // SAFETY: `ro` outlives the view.
+    assert!(unsafe { view.add(second, ro.len() as u64, ro.as_mut_ptr(), Perm::Read) });
+    g.view = Arc::new(view);
+    let mut q = qp();
+    // A TX frame from the read-only region is fine (a 12-byte header,
+    // zeroed, then the frame)...
+    let f = frame(200, 3);
+    ro[12..12 + f.len()].copy_from_slice(&f);
+    g.desc(true, 0, second, (12 + f.len()) as u32, 0, 0);
+    g.publish(true, 0);
+    // ...but its echo may not land in an RX buffer there.
+    g.desc(false, 0, second + 0x1000, 2048, VRING_DESC_F_WRITE, 0);
+    g.publish(false, 0);
+    g.run_event(&mut q);
+    assert_eq!(g.used(true), vec![(0, 0)], "TX read the read-only buffer");
+    assert!(matches!(
+        g.rx_ctl.borrow().broken,
+        Some(ChainError::BadAddress { .. })
+    ));
+    assert!(g.used(false).is_empty());
+    assert!(
+        ro[0x1000..0x2000].iter().all(|&b| b == 0),
+        "nothing written"
+    );
+}
+
+#[test]
 fn frames_queued_without_a_guest_are_discarded() {
     let mut g = Guest::new();
     let mut q = qp();
@@ -623,11 +665,7 @@ fn frames_queued_without_a_guest_are_discarded() {
     // attached), then a new front end connects.
     for i in 0..5 {
         let f = frame(60, i);
-        let seg = libc::iovec {
-            iov_base: f.as_ptr() as *mut _,
-            iov_len: f.len(),
-        };
-        assert!(q.backend.tx_frame(&[seg]).unwrap());
+        assert!(vfrelay_backends::Segs::of(&[&f], |s| q.backend.tx_frame(s)).unwrap());
     }
     assert_eq!(q.discard_backend_rx(), 5);
     assert_eq!(q.stats.rx_dropped, 5);

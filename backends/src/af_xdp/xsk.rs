@@ -14,7 +14,7 @@ use log::{debug, warn};
 
 use super::ring::{ConsRing, Mmap, ProdRing, RawRing};
 use super::XdpProgram;
-use crate::{Backend, BackendStats, Error, Result, XdpMode};
+use crate::{Backend, BackendStats, Error, Result, Segs, XdpMode};
 
 pub const FRAME_SIZE: usize = 4096;
 const NUM_FRAMES: usize = 4096;
@@ -448,8 +448,8 @@ impl Backend for Xsk {
         )
     }
 
-    fn tx_frame(&mut self, segs: &[libc::iovec]) -> Result<bool> {
-        let Some(len) = tx_len(segs) else {
+    fn tx_frame(&mut self, segs: Segs<'_>) -> Result<bool> {
+        let Some(len) = tx_len(&segs) else {
             self.stats.tx_dropped += 1;
             return Ok(true);
         };
@@ -470,8 +470,9 @@ impl Backend for Xsk {
             return Ok(false);
         };
         // SAFETY: addr is a TX frame we own (free list), FRAME_SIZE bytes
-        // inside the UMEM, and len <= FRAME_SIZE.
-        unsafe { copy_segs(self.umem.as_ptr().add(addr as usize), segs) };
+        // inside the UMEM, and len <= FRAME_SIZE; `Segs` promises the
+        // segments are readable.
+        unsafe { copy_segs(self.umem.as_ptr().add(addr as usize), &segs) };
         let queued = self.tx.push(libc::xdp_desc {
             addr,
             len: len as u32,

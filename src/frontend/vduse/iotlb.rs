@@ -10,7 +10,7 @@ use log::{debug, warn};
 
 use super::dev::{Device, Error};
 use super::uapi::{self, IotlbEntry};
-use crate::dataplane::mem::MemView;
+use crate::dataplane::mem::{MemView, Perm};
 
 /// More than any real domain holds; stops a kernel that kept answering.
 const MAX_MAPPINGS: usize = 4096;
@@ -69,11 +69,10 @@ fn map_entry(fd: &impl AsRawFd, e: &IotlbEntry) -> Result<Mapping, String> {
     // mmap wants a page-aligned file offset.
     let lead = e.offset % PAGE;
     let map_len = (len + lead).div_ceil(PAGE) * PAGE;
-    // A read-only entry comes with an O_RDONLY fd: map it private so our
-    // pointers stay writable (MemView has no permissions) while a stray
-    // device write only touches a private copy, never the driver's memory.
+    // A read-only entry comes with an O_RDONLY fd and is mapped read-only;
+    // the view marks it so, and a device write into it is a queue error.
     let (prot, flags) = match e.perm {
-        uapi::ACCESS_RO => (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE),
+        uapi::ACCESS_RO => (libc::PROT_READ, libc::MAP_SHARED),
         _ => (libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED),
     };
     // SAFETY: a fresh mapping chosen by the kernel; checked below.
@@ -127,8 +126,16 @@ pub fn build_view(dev: &Device) -> Result<Arc<MemView>, Error> {
         } else {
             match map_entry(&fd, &e) {
                 Ok(m) => {
+                    // SAFETY: offset % PAGE < the mapping's length.
                     let host = unsafe { (m.base as *mut u8).add((e.offset % PAGE) as usize) };
-                    if view.add(e.start, e.last - e.start + 1, host) {
+                    let perm = if e.perm == uapi::ACCESS_RO {
+                        Perm::Read
+                    } else {
+                        Perm::ReadWrite
+                    };
+                    // SAFETY: `m` is kept in `maps`, which the view owns, and
+                    // is writable unless `perm` says read-only.
+                    if unsafe { view.add(e.start, e.last - e.start + 1, host, perm) } {
                         debug!(
                             "IOTLB: mapped {:#x}..={:#x} perm {} offset {:#x}",
                             e.start, e.last, e.perm, e.offset
@@ -195,10 +202,11 @@ mod tests {
         };
         let m = map_entry(&file, &ent).unwrap();
         let mut view = MemView::empty();
-        assert!(view.add(ent.start, 2 * PAGE, m.base as *mut u8));
-        let p = view.translate(0x10010, 5).unwrap();
+        // SAFETY: `m` outlives the view.
+        assert!(unsafe { view.add(ent.start, 2 * PAGE, m.base as *mut u8, Perm::ReadWrite) });
+        let p = view.translate(0x10010, 5, Perm::Read).unwrap();
         let got = unsafe { std::slice::from_raw_parts(p, 5) };
         assert_eq!(got, b"hello");
-        assert!(view.translate(0x10000 + 2 * PAGE, 1).is_none());
+        assert!(view.translate(0x10000 + 2 * PAGE, 1, Perm::Read).is_none());
     }
 }

@@ -29,7 +29,7 @@ use std::time::Duration;
 use log::{debug, error, info, warn};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::dataplane::mem::MemView;
+use crate::dataplane::mem::{MemView, Perm};
 use crate::dataplane::ring::{ChainError, RingAddrs};
 use crate::dataplane::vring::Notifier;
 use crate::dataplane::worker::{MemProbe, QpRef};
@@ -187,7 +187,7 @@ impl Shared {
     fn refresh_view(self: &Arc<Self>, st: &mut State) {
         match iotlb::build_view(&self.dev) {
             Ok(v) => {
-                let low = v.translate(0, 1).is_none();
+                let low = v.translate(0, 1, Perm::Read).is_none();
                 self.probe_low.store(low, Ordering::SeqCst);
                 let probe = (st.started && low).then(|| self.mem_probe());
                 self.qp.apply(move |s| {
@@ -212,7 +212,7 @@ impl Shared {
                 return None;
             }
             let v = iotlb::build_view(&sh.dev).ok()?;
-            v.translate(0, 1)?;
+            v.translate(0, 1, Perm::Read)?;
             // Not the state lock: its holder may be waiting for this worker.
             sh.probe_low.store(false, Ordering::SeqCst);
             debug!("{}: IOVA 0 mapped", sh.name);

@@ -23,7 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::protocol::{body, Request, WireError};
 use crate::dataplane::dirty_log::DirtyLog;
-use crate::dataplane::mem::MemView;
+use crate::dataplane::mem::{MemView, Perm};
 use crate::dataplane::ring::RingAddrs;
 use crate::dataplane::worker::QpRef;
 use crate::net;
@@ -730,7 +730,9 @@ impl Device {
     fn install_regions(&mut self, regions: Vec<MemRegion>) -> Result<(), Failure> {
         let mut view = MemView::empty();
         for m in &regions {
-            if !view.add(m.gpa, m.size, m.map.as_ptr()) {
+            // SAFETY: the mapping is shared read-write and `owners` below
+            // keeps it alive as long as the view.
+            if !unsafe { view.add(m.gpa, m.size, m.map.as_ptr(), Perm::ReadWrite) } {
                 return refused(format!(
                     "memory region {:#x}+{:#x} overlaps another",
                     m.gpa, m.size
@@ -983,7 +985,7 @@ mod tests {
             Err(Failure::Refused(_))
         ));
         assert_eq!(d.regions.len(), 1);
-        assert!(d.mem.translate(0x100, 1).is_some());
+        assert!(d.mem.translate(0x100, 1, Perm::ReadWrite).is_some());
         // Larger than its file: touching it would be SIGBUS, so refused.
         assert!(matches!(
             add_region(&mut d, 0x100000, 0x20000, 0x1000),
