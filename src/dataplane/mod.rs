@@ -59,8 +59,9 @@ pub trait RingCtl {
 /// behind and never moves the used index backwards. The base can be wrong
 /// when a back end died: DPDK's virtio-user in server mode sends 0 again
 /// when a restarted back end reconnects, its rings thousands of entries
-/// further; a chain the dead one took but never used is behind the base
-/// QEMU read. (DPDK's vhost library and libvhost-user do the same.)
+/// further. A base ahead of the used index would skip the chains a dead
+/// back end took but never used, which then never come back to the guest.
+/// (DPDK's vhost library and libvhost-user resume there too.)
 fn resume_from_used(ctl: &mut dyn RingCtl, r: &SplitRing, what: &str) {
     let used = r.used_idx();
     if (ctl.next_avail(), ctl.next_used()) != (used, used) {
