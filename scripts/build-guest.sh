@@ -7,7 +7,7 @@
 #
 # The initramfs also carries the guest-side test tools from tests/guest-tools/
 # (built here with `gcc -static -O2`): /bin/udpcheck, /bin/vdpa_probe,
-# /bin/udpburst.
+# /bin/vdpa_drive, /bin/udpburst.
 #
 # Nothing is installed on the host: the kernel package is fetched with
 # `apt-get download` and unpacked with `dpkg-deb -x` under target/guest/.
@@ -63,7 +63,8 @@ mkdir -p "$OUT/cache"
 
 # Guest tools: C sources compiled statically (the initramfs has no libc).
 TOOLS_SRC=("$ROOT/tests/guest-tools/udpcheck.c"
-    "$ROOT/tests/guest-tools/vdpa_probe.c" "$ROOT/tests/guest-tools/udpburst.c")
+    "$ROOT/tests/guest-tools/vdpa_probe.c" "$ROOT/tests/guest-tools/vdpa_drive.c"
+    "$ROOT/tests/guest-tools/udpburst.c")
 for src in "${TOOLS_SRC[@]}"; do [ -f "$src" ] || die "$src missing"; done
 # Inputs that decide whether the guest must be rebuilt.
 stamp_of() { { echo "$1"; sha256sum "$SELF" "$BUSYBOX" "${TOOLS_SRC[@]}"; } | sha256sum | cut -d' ' -f1; }

@@ -18,7 +18,7 @@ use vfrelay_backends::Backend;
 
 use crate::stats::{QueueStats, SharedStats};
 use dirty_log::{DirtyLog, LogCache};
-use mem::MemView;
+use mem::{MemView, Perm};
 use ring::{Chain, ChainError, RingAddrs, SplitRing};
 
 /// Frames moved per burst before the other direction gets a turn.
@@ -86,6 +86,28 @@ struct RingSlot {
     /// Resumed from the guest's used ring, and the guest interrupted, since
     /// the ring last became active.
     resumed: bool,
+    /// Stopped for an address outside the view, not yet reported: the
+    /// worker first asks the frontend ([`QueuePair::resolve_misses`]).
+    missed: Option<ChainError>,
+}
+
+/// Where a ring or buffer address was missing from the view, if that is
+/// why `e` stopped the queue.
+fn miss_addr(e: &ChainError, mem: &MemView) -> Option<u64> {
+    match *e {
+        ChainError::BadAddress { addr, .. } => Some(addr),
+        ChainError::BadRing {
+            desc, avail, used, ..
+        } => [
+            (desc, Perm::Read),
+            (avail, Perm::Read),
+            (used, Perm::ReadWrite),
+        ]
+        .into_iter()
+        .find(|(a, p)| mem.translate(*a, 1, *p).is_none())
+        .map(|(a, _)| a),
+        _ => None,
+    }
 }
 
 impl RingSlot {
@@ -97,6 +119,7 @@ impl RingSlot {
         features: u64,
         what: &str,
         stats: &mut QueueStats,
+        defer_miss: bool,
     ) -> Option<&mut SplitRing> {
         if !ctl.active() {
             // A stopped ring that is restarted is a fresh start.
@@ -104,6 +127,7 @@ impl RingSlot {
             self.mem = None;
             self.broken = false;
             self.resumed = false;
+            self.missed = None;
             return None;
         }
         if self.broken {
@@ -141,7 +165,7 @@ impl RingSlot {
                     self.mem = Some(mem.clone());
                 }
                 Err(e) => {
-                    self.fail(ctl, what, &e, stats);
+                    self.fail(ctl, what, &e, stats, defer_miss);
                     return None;
                 }
             }
@@ -153,10 +177,29 @@ impl RingSlot {
         Some(r)
     }
 
-    fn fail(&mut self, ctl: &mut dyn RingCtl, what: &str, e: &ChainError, stats: &mut QueueStats) {
+    /// Stop the ring for `e`. With `defer_miss`, an address outside the
+    /// view is only noted: the worker asks the frontend for it first.
+    fn fail(
+        &mut self,
+        ctl: &mut dyn RingCtl,
+        what: &str,
+        e: &ChainError,
+        stats: &mut QueueStats,
+        defer_miss: bool,
+    ) {
+        self.broken = true;
+        if defer_miss
+            && self.missed.is_none()
+            && matches!(
+                e,
+                ChainError::BadAddress { .. } | ChainError::BadRing { .. }
+            )
+        {
+            self.missed = Some(e.clone());
+            return;
+        }
         error!("{what}: stopping queue: {e}");
         stats.count_chain_error(e);
-        self.broken = true;
         ctl.broken(e);
     }
 
@@ -221,7 +264,18 @@ pub struct QueuePair {
     /// what the NIC steers to them reaches the guest through this RX ring
     /// (a guest may enable fewer pairs than the port has).
     pub extra_rx: Vec<(usize, Box<dyn Backend>)>,
+    /// A ring stopped for an address outside the view waits for
+    /// [`Self::resolve_misses`] instead of being reported at once (set
+    /// while the frontend has a [`MissFn`]).
+    pub defer_misses: bool,
 }
+
+/// Asked when a ring stops for an address its view lacks (`addr`, under
+/// the view `cur`): a view that now covers it, or None (then the queue
+/// stops for good). VDUSE mappings appear without a request (the bounce
+/// map with the driver's first DMA mapping), so they are looked up on a
+/// miss, never on every round.
+pub type MissFn = Box<dyn FnMut(&MemView, u64) -> Option<Arc<MemView>> + Send>;
 
 /// What a queue pair holds while its backend queue is lent to another:
 /// the backend's counters as they were, so the pair's stay where they were
@@ -275,6 +329,7 @@ impl QueuePair {
             log_cache: LogCache::default(),
             tx_blocked: false,
             extra_rx: Vec::new(),
+            defer_misses: false,
         }
     }
 
@@ -369,9 +424,10 @@ impl QueuePair {
     ) -> usize {
         let mut moved = 0;
         let feats = self.features;
+        let defer = self.defer_misses;
         if let Some(ring) = self
             .tx
-            .prepare(tx, mem, feats, &self.tx_name, &mut self.stats)
+            .prepare(tx, mem, feats, &self.tx_name, &mut self.stats, defer)
         {
             match tx::burst(
                 ring,
@@ -386,7 +442,7 @@ impl QueuePair {
                     self.tx_blocked = blocked;
                 }
                 Err(e) => {
-                    self.tx.fail(tx, &self.tx_name, &e, &mut self.stats);
+                    self.tx.fail(tx, &self.tx_name, &e, &mut self.stats, defer);
                     self.stats_dirty = true;
                 }
             }
@@ -395,7 +451,7 @@ impl QueuePair {
         }
         if let Some(ring) = self
             .rx
-            .prepare(rx, mem, feats, &self.rx_name, &mut self.stats)
+            .prepare(rx, mem, feats, &self.rx_name, &mut self.stats, defer)
         {
             let mrg = feats & VIRTIO_NET_F_MRG_RXBUF != 0;
             let backends =
@@ -420,7 +476,7 @@ impl QueuePair {
             match res {
                 Ok(n) => moved += n,
                 Err(e) => {
-                    self.rx.fail(rx, &self.rx_name, &e, &mut self.stats);
+                    self.rx.fail(rx, &self.rx_name, &e, &mut self.stats, defer);
                     self.stats_dirty = true;
                 }
             }
@@ -458,18 +514,61 @@ impl QueuePair {
                 r.disable_kicks();
             }
         };
+        let defer = self.defer_misses;
         if let Some(r) = self
             .rx
-            .prepare(rx, mem, feats, &self.rx_name, &mut self.stats)
+            .prepare(rx, mem, feats, &self.rx_name, &mut self.stats, defer)
         {
             set(r);
         }
         if let Some(r) = self
             .tx
-            .prepare(tx, mem, feats, &self.tx_name, &mut self.stats)
+            .prepare(tx, mem, feats, &self.tx_name, &mut self.stats, defer)
         {
             set(r);
         }
+    }
+
+    /// After a round: a ring that stopped for an address outside `mem`
+    /// asks `handler` for it. Given a view that covers it, the ring goes
+    /// on under that view from its last used entry (every chain popped
+    /// after it failed or was given back, so none was used twice);
+    /// otherwise it stops for good, reported as any chain error. True if
+    /// `mem` changed.
+    pub fn resolve_misses(
+        &mut self,
+        mem: &mut Arc<MemView>,
+        rx: &mut dyn RingCtl,
+        tx: &mut dyn RingCtl,
+        handler: &mut dyn FnMut(&MemView, u64) -> Option<Arc<MemView>>,
+    ) -> bool {
+        let mut changed = false;
+        let rings: [(&mut RingSlot, &mut dyn RingCtl, &str); 2] = [
+            (&mut self.tx, tx, &self.tx_name),
+            (&mut self.rx, rx, &self.rx_name),
+        ];
+        for (slot, ctl, what) in rings {
+            let Some(e) = slot.missed.take() else {
+                continue;
+            };
+            let found = miss_addr(&e, mem).and_then(|a| handler(mem, a).map(|v| (a, v)));
+            match found {
+                Some((a, v)) => {
+                    debug!("{what}: IOVA {a:#x} is mapped now; going on");
+                    *mem = v;
+                    changed = true;
+                    slot.broken = false;
+                    ctl.set_next_avail(ctl.next_used());
+                }
+                None => {
+                    error!("{what}: stopping queue: {e}");
+                    self.stats.count_chain_error(&e);
+                    ctl.broken(&e);
+                    self.stats_dirty = true;
+                }
+            }
+        }
+        changed
     }
 }
 

@@ -787,3 +787,138 @@ fn a_restarted_back_end_resumes_at_the_used_ring() {
         }
     }
 }
+
+/// `g`'s memory plus `late`: a mapping the frontend learns of only when a
+/// ring misses it (VDUSE's bounce map).
+fn with_late(g: &mut Guest, late: &mut TestMem) -> Arc<MemView> {
+    let mut v = g.mem.view();
+    // SAFETY: the tests keep `late` alive while they use the view.
+    assert!(unsafe {
+        v.add(
+            late.base,
+            late.buf.len() as u64,
+            late.buf.as_mut_ptr(),
+            Perm::ReadWrite,
+        )
+    });
+    Arc::new(v)
+}
+
+/// Event-mode rounds as a worker with a miss handler runs them.
+fn run_with_miss(
+    g: &mut Guest,
+    q: &mut QueuePair,
+    h: &mut dyn FnMut(&MemView, u64) -> Option<Arc<MemView>>,
+) {
+    q.defer_misses = true;
+    q.sync_features(g.features);
+    for _ in 0..16 {
+        let mut rx = g.rx_ctl.borrow_mut();
+        let mut tx = g.tx_ctl.borrow_mut();
+        let n = q.round(&g.view, None, &mut *rx, &mut *tx);
+        let changed = q.resolve_misses(&mut g.view, &mut *rx, &mut *tx, h);
+        if n == 0 && !changed {
+            break;
+        }
+    }
+}
+
+const LATE: u64 = 0x900000;
+
+#[test]
+fn a_tx_buffer_outside_the_view_is_looked_up_on_a_miss() {
+    let mut g = Guest::new();
+    let mut late = TestMem::new(LATE, 0x10000);
+    let mut q = qp();
+    let rxbuf = g.post_rx(2048);
+    let f = frame(300, 3);
+    late.write(LATE, &[0; 12]);
+    late.write(LATE + 64, &f);
+    g.desc(true, 0, LATE, 12, VRING_DESC_F_NEXT, 1);
+    g.desc(true, 1, LATE + 64, f.len() as u32, 0, 0);
+    g.publish(true, 0);
+    let full = with_late(&mut g, &mut late);
+    let mut calls = Vec::new();
+    run_with_miss(&mut g, &mut q, &mut |cur, addr| {
+        calls.push(addr);
+        (cur.translate(addr, 1, Perm::Read).is_none()
+            && full.translate(addr, 1, Perm::Read).is_some())
+        .then(|| full.clone())
+    });
+    assert_eq!(calls, vec![LATE], "asked once, for the missing address");
+    assert_eq!(g.tx_ctl.borrow().broken, None);
+    assert_eq!(q.stats.chain_errors, 0);
+    assert_eq!(g.used(true), vec![(0, 0)], "the chain used once");
+    let used = g.used(false);
+    assert_eq!(used.len(), 1);
+    assert_eq!(g.mem.read(rxbuf + 12, f.len()), &swapped(&f)[..]);
+}
+
+#[test]
+fn an_rx_buffer_outside_the_view_is_looked_up_on_a_miss() {
+    let mut g = Guest::new();
+    let mut late = TestMem::new(LATE, 0x10000);
+    let mut q = qp();
+    g.desc(false, 0, LATE, 2048, VRING_DESC_F_WRITE, 0);
+    g.publish(false, 0);
+    g.rx.next_desc = 1;
+    let f = frame(500, 9);
+    g.send(&f);
+    let full = with_late(&mut g, &mut late);
+    let mut calls = 0;
+    run_with_miss(&mut g, &mut q, &mut |cur, addr| {
+        calls += 1;
+        (cur.translate(addr, 1, Perm::Read).is_none()
+            && full.translate(addr, 1, Perm::Read).is_some())
+        .then(|| full.clone())
+    });
+    assert_eq!(calls, 1);
+    assert_eq!(g.rx_ctl.borrow().broken, None);
+    assert_eq!(g.used(false), vec![(0, 12 + f.len() as u32)]);
+    assert_eq!(late.read(LATE + 12, f.len()), &swapped(&f)[..]);
+    assert_eq!(q.stats.rx_frames, 1);
+}
+
+#[test]
+fn a_miss_the_frontend_cannot_map_stops_the_queue_once() {
+    let mut g = Guest::new();
+    let mut q = qp();
+    g.desc(true, 0, 0xdead_0000, 64, 0, 0);
+    g.publish(true, 0);
+    let mut calls = 0;
+    for _ in 0..3 {
+        run_with_miss(&mut g, &mut q, &mut |_, _| {
+            calls += 1;
+            None
+        });
+    }
+    assert_eq!(calls, 1, "a stopped queue is not looked up again");
+    assert!(matches!(
+        g.tx_ctl.borrow().broken,
+        Some(ChainError::BadAddress {
+            addr: 0xdead_0000,
+            ..
+        })
+    ));
+    assert_eq!(
+        (q.stats.chain_errors, q.shared.snapshot().chain_bad_address),
+        (1, 1)
+    );
+}
+
+#[test]
+fn nothing_is_looked_up_while_everything_is_mapped() {
+    let mut g = Guest::new();
+    let mut q = qp();
+    let mut calls = 0;
+    for i in 0..40u8 {
+        g.post_rx(2048);
+        g.send(&frame(100, i));
+        run_with_miss(&mut g, &mut q, &mut |_, _| {
+            calls += 1;
+            None
+        });
+    }
+    assert_eq!(g.used(false).len(), 40);
+    assert_eq!(calls, 0);
+}

@@ -24,7 +24,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::dirty_log::DirtyLog;
 use super::mem::MemView;
 use super::vring::Vring;
-use super::QueuePair;
+use super::{MissFn, QueuePair};
 use crate::stats::SharedStats;
 
 /// A port as the dataplane knows it: a number the daemon hands out.
@@ -52,14 +52,10 @@ pub struct Slot {
     pub mem: Arc<MemView>,
     /// The dirty log, only while the front end has logging on.
     pub log: Option<Arc<DirtyLog>>,
-    /// Run before each round while set: returns a new memory view once the
-    /// one the rings need has appeared (VDUSE's bounce map shows up with
-    /// the driver's first DMA mapping, without any request), then is
-    /// dropped.
-    pub probe: Option<MemProbe>,
+    /// Asked for an address a ring found outside `mem`, before the ring is
+    /// stopped for it (VDUSE: mappings the kernel adds without a request).
+    pub miss: Option<MissFn>,
 }
-
-pub type MemProbe = Box<dyn FnMut() -> Option<Arc<MemView>> + Send>;
 
 impl Slot {
     pub fn new(key: QpKey, qp: QueuePair) -> Self {
@@ -70,7 +66,7 @@ impl Slot {
             tx: Vring::new(2 * key.index as u16 + 1),
             mem: Arc::new(MemView::empty()),
             log: None,
-            probe: None,
+            miss: None,
         }
     }
 
@@ -93,16 +89,15 @@ impl Slot {
     }
 
     fn round(&mut self) -> usize {
-        if let Some(p) = self.probe.as_mut() {
-            if let Some(view) = p() {
-                self.mem = view;
-                // Cached ring translations keep the old view alive.
-                self.qp.reset();
-                self.probe = None;
-            }
+        self.qp.defer_misses = self.miss.is_some();
+        let n = self
+            .qp
+            .round(&self.mem, self.log.as_deref(), &mut self.rx, &mut self.tx);
+        if let Some(h) = self.miss.as_mut() {
+            self.qp
+                .resolve_misses(&mut self.mem, &mut self.rx, &mut self.tx, h);
         }
-        self.qp
-            .round(&self.mem, self.log.as_deref(), &mut self.rx, &mut self.tx)
+        n
     }
 
     fn set_kicks(&mut self, on: bool) {

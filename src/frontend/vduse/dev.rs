@@ -21,8 +21,10 @@ pub enum Error {
     NoModule,
     #[error("VDUSE device name '{0}' must be 1-255 bytes without '/' or NUL")]
     BadName(String),
-    #[error("VDUSE device '{0}' already exists (another vfrelay runs, or a crashed one left it)")]
+    #[error("VDUSE device '{0}' already exists")]
     Exists(String),
+    #[error("VDUSE device '{0}' is served by another process (/dev/vduse/{0} is open)")]
+    Busy(String),
     #[error("VDUSE config space of {0} bytes is larger than a page")]
     ConfigTooBig(usize),
     #[error("{what}: {source}")]
@@ -159,6 +161,10 @@ impl Device {
                 Err(e) if e.kind() == io::ErrorKind::NotFound && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20));
                 }
+                // The kernel lets one process hold a device open.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    return Err(Error::Busy(name.into()))
+                }
                 Err(e) => return Err(io_err(format!("opening {}", path.display()))(e)),
             }
         }
@@ -249,15 +255,39 @@ impl Device {
         }
     }
 
-    /// Whether some IOTLB mapping overlaps `[start, last]` (one ioctl, no fd).
-    pub fn iotlb_has(&self, start: u64, last: u64) -> bool {
+    /// The first IOTLB mapping overlapping `[start, last]` with its
+    /// capabilities (one ioctl, no fd); None if there is none.
+    pub fn iotlb_get_info(&self, start: u64, last: u64) -> Option<IovaInfo> {
         let mut i = IovaInfo {
             start,
             last,
             ..Default::default()
         };
         // SAFETY: IOTLB_GET_INFO reads and writes an IovaInfo.
-        unsafe { ioctl(self.fd(), uapi::IOTLB_GET_INFO, &mut i) }.is_ok()
+        unsafe { ioctl(self.fd(), uapi::IOTLB_GET_INFO, &mut i) }
+            .ok()
+            .map(|_| i)
+    }
+
+    /// VDUSE_IOTLB_REG_UMEM: the kernel pins `[uaddr, uaddr+size)` and uses
+    /// it as the bounce buffer. The pin counts against RLIMIT_MEMLOCK (the
+    /// kernel checks it even for root), so on ENOMEM the limit is raised by
+    /// `size` once (root may) and the call retried.
+    pub fn iotlb_reg_umem(&self, uaddr: u64, iova: u64, size: u64) -> io::Result<()> {
+        let reg = || {
+            let mut u = uapi::IovaUmem {
+                uaddr,
+                iova,
+                size,
+                reserved: [0; 3],
+            };
+            // SAFETY: IOTLB_REG_UMEM reads an IovaUmem.
+            unsafe { ioctl(self.fd(), uapi::IOTLB_REG_UMEM, &mut u) }.map(|_| ())
+        };
+        match reg() {
+            Err(e) if e.raw_os_error() == Some(libc::ENOMEM) && raise_memlock(size) => reg(),
+            r => r,
+        }
     }
 
     /// One request; `Ok(None)` when none is waiting (the fd is non-blocking
@@ -273,6 +303,32 @@ impl Device {
         }
         Ok(())
     }
+}
+
+/// Raises RLIMIT_MEMLOCK (soft and hard) by `by` bytes; false if it could
+/// not (an unprivileged process, or already unlimited).
+fn raise_memlock(by: u64) -> bool {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one struct rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) } != 0
+        || r.rlim_cur == libc::RLIM_INFINITY
+    {
+        return false;
+    }
+    let want = r.rlim_cur.saturating_add(by);
+    let new = libc::rlimit {
+        rlim_cur: want,
+        rlim_max: r.rlim_max.max(want),
+    };
+    // SAFETY: setrlimit reads one struct rlimit.
+    let ok = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &new) } == 0;
+    if ok {
+        log::debug!("RLIMIT_MEMLOCK raised to {want} bytes for the VDUSE bounce buffer");
+    }
+    ok
 }
 
 /// A request from the kernel, decoded.

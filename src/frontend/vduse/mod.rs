@@ -16,6 +16,7 @@
 pub mod dev;
 pub mod iotlb;
 pub mod netlink;
+pub mod state;
 pub mod uapi;
 
 use std::io;
@@ -32,7 +33,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::dataplane::mem::{MemView, Perm};
 use crate::dataplane::ring::{ChainError, RingAddrs};
 use crate::dataplane::vring::Notifier;
-use crate::dataplane::worker::{MemProbe, QpRef};
+use crate::dataplane::worker::QpRef;
+use crate::dataplane::MissFn;
 use crate::net::NetConfig;
 use dev::{Control, Device, Request};
 
@@ -75,6 +77,14 @@ pub enum Error {
         want: &'static str,
         got: String,
     },
+    #[error(
+        "VDUSE device {name} exists and vfrelay has no record of creating it ({}): it \
+         belongs to another program, so it is left alone",
+        path.display()
+    )]
+    NotOurs { name: String, path: PathBuf },
+    #[error("VDUSE device {name} is served by another process (vfrelay pid {pid} created it)")]
+    Served { name: String, pid: u32 },
     #[error("{what}: {source}")]
     Sys {
         what: String,
@@ -133,15 +143,20 @@ struct Shared {
     qsize: u16,
     qp: QpRef,
     state: Mutex<State>,
-    /// The view has nothing at IOVA 0. Under virtio_vdpa the bounce map
-    /// appears with the driver's first DMA mapping, after DRIVER_OK and
-    /// without an UPDATE_IOTLB; until it is seen, the worker probes for it
-    /// before each round ([`Shared::mem_probe`]).
-    probe_low: AtomicBool,
+    /// The IOTLB as mapped here. Its own lock, never held while waiting for
+    /// the worker: the worker takes it on a miss ([`Shared::miss_handler`]).
+    iotlb: Mutex<iotlb::Table>,
+    /// Our record of the device (kept up to date with the driver's status,
+    /// for a vfrelay that takes the device over after a crash).
+    store: state::Store,
+    record: Mutex<state::Record>,
     kicks: [EventFd; 2],
     /// Ends the request thread (after detach: detaching needs answers).
     stop_requests: AtomicBool,
     broken: AtomicBool,
+    /// Tests: an IOTLB of memfds instead of the device's.
+    #[cfg(test)]
+    fake_iotlb: std::sync::OnceLock<Arc<iotlb::fake::FakeIotlb>>,
 }
 
 impl Notifier for Shared {
@@ -151,13 +166,43 @@ impl Notifier for Shared {
         }
     }
     fn broken(&self, vq: u16, err: &ChainError) {
-        debug!("{}: queue {vq} stopped: {err}", self.name);
+        // Counted (chain_errors) and logged by the dataplane. The driver
+        // cannot be told: DEVICE_NEEDS_RESET is a status bit, and a VDUSE
+        // device has no call that sets its status (vduse_vdpa_get_status()
+        // returns what the driver last set; no VDUSE ioctl writes it).
+        debug!(
+            "{}: queue {vq} stopped ({err}); VDUSE has no way to raise NEEDS_RESET",
+            self.name
+        );
     }
+}
+
+/// The used index a ring's driver last saw from the device, read from guest
+/// memory (where a device that resumes must resume: every chain before it
+/// was used, none after it).
+fn used_idx(view: &MemView, used: u64) -> Option<u16> {
+    let p = view.translate(used.checked_add(2)?, 2, Perm::Read)?;
+    // SAFETY: translate checked both bytes lie in one mapping. Bytewise
+    // volatile reads: no alignment assumed, no reference into guest memory.
+    let b = unsafe {
+        [
+            std::ptr::read_volatile(p),
+            std::ptr::read_volatile(p.add(1)),
+        ]
+    };
+    Some(u16::from_le_bytes(b))
 }
 
 impl Shared {
     /// A device before DRIVER_OK: no rings, no memory view, nothing acked.
-    fn new(name: String, dev: Device, qsize: u16, qp: QpRef) -> Result<Arc<Shared>, Error> {
+    fn new(
+        name: String,
+        dev: Device,
+        qsize: u16,
+        qp: QpRef,
+        store: state::Store,
+        record: state::Record,
+    ) -> Result<Arc<Shared>, Error> {
         let efd = || EventFd::new(EFD_NONBLOCK).map_err(sys("eventfd"));
         let sh = Arc::new(Shared {
             name,
@@ -168,55 +213,73 @@ impl Shared {
                 started: false,
                 status: 0,
             }),
-            probe_low: AtomicBool::new(true),
+            iotlb: Mutex::new(iotlb::Table::default()),
+            store,
+            record: Mutex::new(record),
             kicks: [efd()?, efd()?],
             stop_requests: AtomicBool::new(false),
             broken: AtomicBool::new(false),
+            #[cfg(test)]
+            fake_iotlb: std::sync::OnceLock::new(),
         });
         let n: Arc<dyn Notifier> = sh.clone();
+        let miss = sh.miss_handler();
         sh.qp.apply(move |s| {
             s.rx.notifier = Some(n.clone());
             s.tx.notifier = Some(n);
+            s.miss = Some(miss);
         });
         Ok(sh)
     }
 
-    /// Re-reads the IOTLB into a fresh view and hands it to the worker in
-    /// one step (the old one is unmapped once the worker lets go of it).
-    /// While IOVA 0 is unmapped the worker probes for it before each round.
-    fn refresh_view(self: &Arc<Self>, st: &mut State) {
-        match iotlb::build_view(&self.dev) {
-            Ok(v) => {
-                let low = v.translate(0, 1, Perm::Read).is_none();
-                self.probe_low.store(low, Ordering::SeqCst);
-                let probe = (st.started && low).then(|| self.mem_probe());
-                self.qp.apply(move |s| {
-                    s.mem = v;
-                    s.probe = probe;
-                    // Cached ring translations keep the old view alive.
-                    s.qp.reset();
-                });
-            }
-            Err(e) => error!("{}: reading the IOTLB: {e}", self.name),
+    fn iotlb_dev(&self) -> &dyn iotlb::IotlbDev {
+        #[cfg(test)]
+        if let Some(f) = self.fake_iotlb.get() {
+            return &**f;
         }
+        &self.dev
     }
 
-    /// One ioctl per round until the bounce map is there: the driver's first
-    /// frames point into it, and a round run without it would stop the
-    /// queue for a buffer "outside guest memory".
-    fn mem_probe(self: &Arc<Self>) -> MemProbe {
+    /// Re-reads the IOTLB in `[start, last]` and hands the worker the new
+    /// view in one step (the old one is unmapped once the worker lets go
+    /// of it). Returns once the worker uses it: the kernel may reuse what
+    /// was unmapped as soon as we answer.
+    fn refresh_view(&self, start: u64, last: u64) {
+        let v = {
+            let mut t = self.iotlb.lock().unwrap();
+            if let Err(e) = t.update(self.iotlb_dev(), start, last) {
+                error!("{}: reading the IOTLB: {e}", self.name);
+            }
+            t.view()
+        };
+        self.qp.apply(move |s| s.mem = v);
+    }
+
+    /// Asked by the worker when a ring finds an address outside its view:
+    /// the kernel adds some mappings without telling us (the bounce map
+    /// with the driver's first DMA mapping, coherent allocations). One
+    /// lookup per miss, never one per round.
+    fn miss_handler(self: &Arc<Self>) -> MissFn {
         let sh = Arc::downgrade(self);
-        Box::new(move || {
+        Box::new(move |cur: &MemView, addr: u64| {
             let sh = sh.upgrade()?;
-            if !sh.dev.iotlb_has(0, 0) {
+            let mut t = sh.iotlb.lock().unwrap();
+            if let Err(e) = t.update(sh.iotlb_dev(), addr, addr) {
+                debug!("{}: IOTLB lookup of {addr:#x}: {e}", sh.name);
                 return None;
             }
-            let v = iotlb::build_view(&sh.dev).ok()?;
-            v.translate(0, 1, Perm::Read)?;
-            // Not the state lock: its holder may be waiting for this worker.
-            sh.probe_low.store(false, Ordering::SeqCst);
-            debug!("{}: IOVA 0 mapped", sh.name);
-            Some(v)
+            let v = t.view();
+            // A new view only if it maps `addr` differently: else the
+            // address is bad (or lacks the access needed) and the queue
+            // stops.
+            let differs = [Perm::Read, Perm::Write].into_iter().any(|p| {
+                let new = v.translate(addr, 1, p);
+                new.is_some() && new != cur.translate(addr, 1, p)
+            });
+            differs.then(|| {
+                debug!("{}: IOVA {addr:#x} found on a miss", sh.name);
+                v
+            })
         })
     }
 
@@ -240,18 +303,33 @@ impl Shared {
             Request::SetStatus { status } => (self.set_status(status), None),
             Request::UpdateIotlb { start, last } => {
                 debug!("{}: UPDATE_IOTLB {start:#x}..={last:#x}", self.name);
-                let mut st = self.state.lock().unwrap();
+                let st = self.state.lock().unwrap();
                 if st.started {
-                    self.refresh_view(&mut st);
+                    self.refresh_view(start, last);
                 } else {
                     // Mapped afresh at DRIVER_OK.
-                    self.qp.apply(|s| {
-                        s.mem = Arc::new(MemView::empty());
-                        s.qp.reset();
-                    });
+                    self.iotlb.lock().unwrap().clear();
+                    self.qp.apply(|s| s.mem = Arc::new(MemView::empty()));
                 }
                 (true, None)
             }
+        }
+    }
+
+    /// Keeps the record's status in step with the driver's, before the
+    /// kernel hears OK: a crash after this line and before the answer
+    /// leaves the request pending, and the kernel hands it to the next
+    /// opener again (vduse_dev_release() requeues it).
+    fn record_status(&self, status: u8) {
+        let mut r = self.record.lock().unwrap();
+        r.status = status;
+        r.pid = std::process::id();
+        if let Err(e) = self.store.write(&self.name, &r) {
+            warn!(
+                "{}: writing {}: {e}",
+                self.name,
+                self.store.path(&self.name).display()
+            );
         }
     }
 
@@ -264,31 +342,50 @@ impl Shared {
             }
             st.started = false;
             st.status = 0;
-            self.probe_low.store(true, Ordering::SeqCst);
+            self.iotlb.lock().unwrap().clear();
             self.qp.apply(|s| {
                 s.rx.reset();
                 s.tx.reset();
                 s.mem = Arc::new(MemView::empty());
-                s.probe = None;
                 s.qp.reset();
             });
             for k in &self.kicks {
                 let _ = k.read();
             }
+            self.record_status(0);
             return true;
         }
-        st.status = status;
         if status & uapi::VIRTIO_CONFIG_S_DRIVER_OK != 0 && !st.started {
-            if let Err(e) = self.start(&mut st) {
+            if let Err(e) = self.start(&mut st, false) {
                 error!("{}: starting the device: {e}", self.name);
                 return false;
             }
         }
+        st.status = status;
+        self.record_status(status);
         true
     }
 
+    /// Takes over a device whose driver a killed vfrelay was serving (its
+    /// status in our record says DRIVER_OK): the rings resume where the
+    /// used rings say.
+    fn resume(self: &Arc<Self>, status: u8) -> Result<(), String> {
+        let mut st = self.state.lock().unwrap();
+        self.start(&mut st, true)?;
+        st.status = status;
+        self.record_status(status);
+        // Kicks sent to the dead process's eventfds are lost: look at the
+        // rings now.
+        for k in &self.kicks {
+            let _ = k.write(1);
+        }
+        Ok(())
+    }
+
     /// DRIVER_OK: features, ring addresses and indices, memory, kick fds.
-    fn start(self: &Arc<Self>, st: &mut State) -> Result<(), String> {
+    /// `resume`: the driver has run for a while (a crashed vfrelay served
+    /// it), so the indices are the used rings', not VQ_GET_INFO's.
+    fn start(self: &Arc<Self>, st: &mut State, resume: bool) -> Result<(), String> {
         let features = self.dev.driver_features().map_err(|e| e.to_string())?;
         let mut vqs = [VqState::default(); 2];
         for (i, vq) in vqs.iter_mut().enumerate() {
@@ -310,14 +407,25 @@ impl Shared {
             // saved index after vhost-vdpa's SET_VRING_BASE). Every chain
             // before it was used, so used resumes there too.
             vq.next_avail = info.split_avail_index();
+        }
+        let view = {
+            let mut t = self.iotlb.lock().unwrap();
+            t.clear();
+            t.update(self.iotlb_dev(), 0, u64::MAX)
+                .map_err(|e| format!("reading the IOTLB: {e}"))?;
+            t.view()
+        };
+        for (i, vq) in vqs.iter_mut().enumerate() {
+            let Some(a) = vq.addrs else { continue };
+            if resume {
+                // This device completes chains in order, so the used index
+                // is also how far it had consumed.
+                vq.next_avail = used_idx(&view, a.used)
+                    .ok_or(format!("queue {i}: used ring {:#x} not mapped", a.used))?;
+            }
             debug!(
                 "{}: queue {i}: size {} desc {:#x} avail {:#x} used {:#x} from {}",
-                self.name,
-                info.num,
-                info.desc_addr,
-                info.driver_addr,
-                info.device_addr,
-                vq.next_avail
+                self.name, a.size, a.desc, a.avail, a.used, vq.next_avail
             );
         }
         let mut kicks = Vec::new();
@@ -328,12 +436,13 @@ impl Shared {
                 .map_err(|e| e.to_string())?;
             kicks.push(k.try_clone().map_err(|e| e.to_string())?);
         }
-        // Started before the view goes in, so the worker probes for IOVA 0
-        // from its first round if it is not mapped yet.
         st.started = true;
-        self.refresh_view(st);
         let event_idx = features & crate::net::F_EVENT_IDX != 0;
+        let low = [Perm::Read, Perm::Write]
+            .into_iter()
+            .any(|p| view.translate(0, 1, p).is_some());
         self.qp.apply(move |s| {
+            s.mem = view;
             s.qp.sync_features(features);
             for (i, (vq, kick)) in vqs.iter().zip(kicks).enumerate() {
                 let r = s.vring_mut(i);
@@ -349,10 +458,10 @@ impl Shared {
         info!(
             "{}: driver ready, features {features:#x}, IOVA 0 {}",
             self.name,
-            if self.probe_low.load(Ordering::SeqCst) {
-                "not mapped yet"
-            } else {
+            if low {
                 "mapped"
+            } else {
+                "not mapped yet (looked up when a ring first needs it)"
             }
         );
         Ok(())
@@ -411,6 +520,11 @@ fn serve_requests(sh: Arc<Shared>) {
     }
 }
 
+/// Whether process `pid` exists and is a vfrelay.
+fn vfrelay_runs(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "vfrelay")
+}
+
 fn sysfs_write(path: &Path, val: &str) -> Result<(), Error> {
     std::fs::write(path, val).map_err(sys(format!("writing '{val}' to {}", path.display())))
 }
@@ -465,7 +579,7 @@ fn describe_binding(name: &str) -> String {
         }
     }
     if found.is_empty() {
-        "nothing visible yet".into()
+        "nothing visible from this network namespace (yet)".into()
     } else {
         found.join(", ")
     }
@@ -475,18 +589,27 @@ fn describe_binding(name: &str) -> String {
 pub struct Port {
     name: String,
     control: Control,
+    store: state::Store,
     shared: Option<Arc<Shared>>,
     requests: Option<JoinHandle<()>>,
     /// A vdpa device we added and must delete.
     added: bool,
     /// With --attach none the user may have attached it.
     user_attached: bool,
+    /// A device of ours exists, to destroy on drop.
+    created: bool,
 }
 
 impl Port {
     /// Creates the device, starts answering the kernel, and attaches it to
     /// the bus driver asked for. `qp` is the queue pair (already on a
     /// worker) that carries its traffic.
+    ///
+    /// A device of that name left by a vfrelay that was killed (our record
+    /// of it in /run/vfrelay/vduse, and nobody holding it open) is taken
+    /// over: served again as it is, with its driver and netdev, or, if it
+    /// was created with other settings or the kernel gave up on it,
+    /// detached, destroyed and created afresh.
     pub fn new(net: &VduseNet, qp: QpRef) -> Result<Port, Error> {
         dev::validate_name(&net.name)?;
         let control = Control::open()?;
@@ -496,39 +619,42 @@ impl Port {
                 return Err(Error::NoDriver(d));
             }
         }
-        control.create(
-            &net.name,
-            uapi::VIRTIO_ID_NET,
-            net.device_features(),
-            VQ_NUM,
-            &net.config_space(),
-        )?;
-        info!(
-            "created VDUSE device {} (features {:#x})",
-            net.name,
-            net.device_features()
-        );
         let mut port = Port {
             name: net.name.clone(),
             control,
+            store: state::Store::default(),
             shared: None,
             requests: None,
             added: false,
-            user_attached: driver.is_none(),
+            user_attached: false,
+            created: false,
         };
+        let want = state::Record {
+            pid: std::process::id(),
+            features: net.device_features(),
+            config: net.config_space(),
+            queue_size: net.cfg.queue_size,
+            status: 0,
+        };
+        match port.create(&want) {
+            Err(Error::Dev(dev::Error::Exists(_))) => {
+                if port.take_over(net, &want, qp.clone())? {
+                    return Ok(port);
+                }
+                port.create(&want)?;
+            }
+            r => r?,
+        }
+        info!(
+            "created VDUSE device {} (features {:#x})",
+            net.name, want.features
+        );
         // On any error below, dropping `port` destroys the device again.
         let device = Device::open(&net.name)?;
         for i in 0..VQ_NUM {
             device.vq_setup(i, net.cfg.queue_size)?;
         }
-        let sh = Shared::new(net.name.clone(), device, net.cfg.queue_size, qp)?;
-        port.shared = Some(sh.clone());
-        port.requests = Some(
-            std::thread::Builder::new()
-                .name(format!("vduse-{}", net.name))
-                .spawn(move || serve_requests(sh))
-                .map_err(sys("spawning the request thread"))?,
-        );
+        port.serve(device, net, qp, want)?;
         match driver {
             Some(d) => {
                 netlink::dev_add(&net.name)?;
@@ -540,12 +666,154 @@ impl Port {
                     describe_binding(&net.name)
                 );
             }
-            None => info!(
-                "{} ready; attach with: vdpa dev add name {} mgmtdev vduse",
-                net.name, net.name
-            ),
+            None => {
+                port.user_attached = true;
+                info!(
+                    "{} ready; attach with: vdpa dev add name {} mgmtdev vduse",
+                    net.name, net.name
+                );
+            }
         }
         Ok(port)
+    }
+
+    /// CREATE_DEV, and our record of it.
+    fn create(&mut self, want: &state::Record) -> Result<(), Error> {
+        self.control.create(
+            &self.name,
+            uapi::VIRTIO_ID_NET,
+            want.features,
+            VQ_NUM,
+            &want.config,
+        )?;
+        self.created = true;
+        if let Err(e) = self.store.write(&self.name, want) {
+            warn!(
+                "{}: writing {}: {e}; a vfrelay started after a crash of this one will not \
+                 take the device over",
+                self.name,
+                self.store.path(&self.name).display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts answering the kernel's requests on `device`.
+    fn serve(
+        &mut self,
+        device: Device,
+        net: &VduseNet,
+        qp: QpRef,
+        record: state::Record,
+    ) -> Result<Arc<Shared>, Error> {
+        let sh = Shared::new(
+            net.name.clone(),
+            device,
+            net.cfg.queue_size,
+            qp,
+            self.store.clone(),
+            record,
+        )?;
+        self.shared = Some(sh.clone());
+        let t = sh.clone();
+        self.requests = Some(
+            std::thread::Builder::new()
+                .name(format!("vduse-{}", net.name))
+                .spawn(move || serve_requests(t))
+                .map_err(sys("spawning the request thread"))?,
+        );
+        Ok(sh)
+    }
+
+    /// The device exists already. Ours (we have a record of it) and not
+    /// held open by anyone (the kernel allows one opener; EBUSY otherwise):
+    /// serve it again and return true, or destroy it and return false when
+    /// it cannot be served as asked. Anything else is an error, and the
+    /// device is left alone.
+    fn take_over(
+        &mut self,
+        net: &VduseNet,
+        want: &state::Record,
+        qp: QpRef,
+    ) -> Result<bool, Error> {
+        let name = net.name.clone();
+        let path = self.store.path(&name);
+        let rec = match self.store.read(&name) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(Error::NotOurs { name, path }),
+            Err(e) => {
+                return Err(Error::Sys {
+                    what: format!("VDUSE device {name} exists; reading {}", path.display()),
+                    source: e,
+                })
+            }
+        };
+        if rec.pid != std::process::id() && vfrelay_runs(rec.pid) {
+            // Created, not opened yet: it is starting.
+            return Err(Error::Served { name, pid: rec.pid });
+        }
+        let device = Device::open(&name).map_err(|e| match e {
+            dev::Error::Busy(_) => Error::Served {
+                name: name.clone(),
+                pid: rec.pid,
+            },
+            e => e.into(),
+        })?;
+        // From here the device is ours to serve or destroy (a failure below
+        // detaches and destroys it, so the next attempt starts afresh).
+        self.created = true;
+        // A device the kernel marked broken (a request timed out while
+        // nobody served it) refuses every ioctl with EPERM.
+        let broken = device.driver_features().is_err();
+        let sh = self.serve(device, net, qp, rec.clone())?;
+        let attached = Path::new("/sys/bus/vdpa/devices").join(&name).exists();
+        self.added = attached;
+        let why = if broken {
+            Some("the kernel gave up on it (a request timed out)")
+        } else if !rec.same_device(want) {
+            Some("it was created with other settings")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            info!(
+                "{name}: destroying the VDUSE device a previous vfrelay (pid {}) left: {why}",
+                rec.pid
+            );
+            // Detaching resets the device, which needs our answers; then
+            // the last reference to it goes (`sh` too) so it can be closed
+            // and destroyed.
+            drop(sh);
+            self.destroy();
+            return Ok(false);
+        }
+        if rec.status & uapi::VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            sh.resume(rec.status).map_err(|e| Error::Sys {
+                what: format!("{name}: resuming the device a previous vfrelay left"),
+                source: io::Error::other(e),
+            })?;
+        } else {
+            sh.state.lock().unwrap().status = rec.status;
+            sh.record_status(rec.status);
+        }
+        match net.attach.driver() {
+            Some(d) => {
+                if !attached {
+                    netlink::dev_add(&name)?;
+                }
+                self.added = true;
+                bind_driver(&name, d)?;
+            }
+            None => self.user_attached = true,
+        }
+        info!(
+            "{name}: took over the VDUSE device a previous vfrelay (pid {}) left, driver status \
+             {:#x}: {}",
+            rec.pid,
+            rec.status,
+            describe_binding(&name)
+        );
+        Ok(true)
     }
 
     /// The kernel stopped waiting for our answers: the device is dead.
@@ -578,18 +846,20 @@ impl Port {
             sh.qp.apply(|s| {
                 s.rx.notifier = None;
                 s.tx.notifier = None;
-                s.probe = None;
+                s.miss = None;
                 s.reset();
             });
         }
     }
-}
 
-impl Drop for Port {
-    fn drop(&mut self) {
+    /// Close, then destroy the device and its record.
+    fn destroy(&mut self) {
         self.close();
         // Last reference: closes /dev/vduse/NAME so it can be destroyed.
         self.shared = None;
+        if !std::mem::take(&mut self.created) {
+            return;
+        }
         // Destroying can race the vdpa device's final release for a moment.
         let mut destroyed = self.control.destroy(&self.name);
         for _ in 0..50 {
@@ -604,9 +874,18 @@ impl Drop for Port {
             }
         }
         match destroyed {
-            Ok(()) => info!("destroyed VDUSE device {}", self.name),
+            Ok(()) => {
+                self.store.remove(&self.name);
+                info!("destroyed VDUSE device {}", self.name)
+            }
             Err(e) => error!("{e}"),
         }
+    }
+}
+
+impl Drop for Port {
+    fn drop(&mut self) {
+        self.destroy();
     }
 }
 
@@ -629,7 +908,24 @@ mod tests {
         let worker = Arc::new(WorkerHandle::spawn(0, None, poll).unwrap());
         let key = QpKey { port: 1, index: 0 };
         let qp = QpRef::add(worker, Box::new(Slot::new(key, QueuePair::new(0, backend))));
-        Shared::new("test".into(), Device::from_file(file), 256, qp).unwrap()
+        let store = state::Store::at(std::env::temp_dir().join(format!(
+            "vfx-vduse-test-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        )));
+        let rec = state::Record {
+            pid: 0,
+            features: 0,
+            config: Vec::new(),
+            queue_size: 256,
+            status: 0,
+        };
+        Shared::new("test".into(), Device::from_file(file), 256, qp, store, rec).unwrap()
+    }
+
+    /// Removes what `shared` wrote (status records).
+    fn done(sh: Arc<Shared>) {
+        let _ = std::fs::remove_dir_all(sh.store.dir());
     }
 
     fn set_next_avail(sh: &Shared, vq: usize, v: u16) {
@@ -656,6 +952,7 @@ mod tests {
             for index in [2, u32::MAX] {
                 assert_eq!(sh.handle(Request::GetVqState { index }), (false, None));
             }
+            done(sh);
         }
     }
 
@@ -670,10 +967,15 @@ mod tests {
         // ACKNOWLEDGE | DRIVER | FEATURES_OK: recorded, nothing started.
         assert_eq!(sh.handle(Request::SetStatus { status: 0xb }), (true, None));
         assert!(!sh.state.lock().unwrap().started);
+        // Where a vfrelay taking the device over after a crash finds it.
+        let rec = || sh.store.read("test").unwrap().unwrap();
+        assert_eq!((rec().status, rec().pid), (0xb, std::process::id()));
         set_next_avail(&sh, 0, 5);
         assert_eq!(sh.handle(Request::SetStatus { status: 0 }), (true, None));
-        let st = sh.state.lock().unwrap();
-        assert_eq!((st.status, next_avail(&sh, 0)), (0, 0));
+        assert_eq!(sh.state.lock().unwrap().status, 0);
+        assert_eq!(next_avail(&sh, 0), 0);
+        assert_eq!(rec().status, 0);
+        done(sh);
     }
 
     #[test]
@@ -683,6 +985,60 @@ mod tests {
         let sh = shared(false);
         assert_eq!(sh.handle(Request::SetStatus { status: 0xf }), (false, None));
         assert!(!sh.state.lock().unwrap().started);
+        // Not recorded as DRIVER_OK: a successor must not resume it.
+        assert!(sh
+            .store
+            .read("test")
+            .unwrap()
+            .is_none_or(|r| r.status & uapi::VIRTIO_CONFIG_S_DRIVER_OK == 0));
+        done(sh);
+    }
+
+    #[test]
+    fn the_used_index_is_read_from_guest_memory() {
+        let mut buf = vec![0u8; 64];
+        buf[0x12..0x14].copy_from_slice(&0xbeefu16.to_le_bytes());
+        let mut v = MemView::empty();
+        // SAFETY: `buf` outlives the view.
+        assert!(unsafe { v.add(0x1000, 64, buf.as_mut_ptr(), Perm::ReadWrite) });
+        // used->idx is at used + 2.
+        assert_eq!(used_idx(&v, 0x1010), Some(0xbeef));
+        assert_eq!(used_idx(&v, 0x103f), None, "past the mapping");
+        assert_eq!(used_idx(&v, u64::MAX), None);
+    }
+
+    #[test]
+    fn the_miss_handler_maps_what_the_kernel_added_and_nothing_else() {
+        use iotlb::fake::{memfd, FakeIotlb};
+        let sh = shared(false);
+        let fake = Arc::new(FakeIotlb {
+            bounce: Some(0x4000),
+            ..Default::default()
+        });
+        assert!(sh.fake_iotlb.set(fake.clone()).is_ok());
+        fake.add(0x10000, 0x1000, uapi::ACCESS_RW, Arc::new(memfd(0x1000)), 0);
+        let mut miss = sh.miss_handler();
+        let empty = MemView::empty();
+        let v = miss(&empty, 0x10800).expect("an entry the view lacks");
+        assert!(v.translate(0x10800, 1, Perm::Read).is_some());
+        assert!(miss(&v, 0x10800).is_none(), "mapped the same: a bad access");
+        assert!(miss(&v, 0xdead_0000).is_none(), "mapped nowhere");
+        // The bounce map appears without a request: found on the miss, and
+        // served from our memory.
+        fake.add(0, 0x4000, uapi::ACCESS_RW, Arc::new(memfd(0)), 0);
+        let v2 = miss(&v, 0x100).expect("bounce map");
+        let (uaddr, _) = fake.umem.lock().unwrap().unwrap();
+        assert_eq!(v2.translate(0, 1, Perm::Read).unwrap() as u64, uaddr);
+        assert!(
+            v2.translate(0x10800, 1, Perm::Read).is_some(),
+            "the rest is kept"
+        );
+        assert_eq!(
+            *fake.get_info_calls.lock().unwrap(),
+            1,
+            "CAP_UMEM asked once"
+        );
+        done(sh);
     }
 
     #[test]
