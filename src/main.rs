@@ -1,12 +1,6 @@
 //! vfrelay: a software vDPA dataplane. Serves virtio-net rings to a guest
 //! and relays every packet to a host-side backend.
 
-mod daemon;
-mod dataplane;
-mod frontend;
-mod net;
-mod shutdown;
-mod stats;
 mod vf_cmd;
 
 use std::path::PathBuf;
@@ -17,8 +11,9 @@ use log::info;
 use serde_json::{json, Value};
 use vfrelay_backends::BackendSpec;
 
-use daemon::ports::{self, parse_backend, parse_queue_size};
-use daemon::{rpc, Daemon, Kind, Options, PortSpec};
+use vfrelay::daemon::ports::{self, parse_backend, parse_queue_size};
+use vfrelay::daemon::{rpc, Daemon, Kind, Options, PortSpec};
+use vfrelay::{net, shutdown};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -164,7 +159,7 @@ struct PortAddArgs {
     #[arg(long, value_name = "DEV")]
     vduse: Option<String>,
     #[arg(long, value_enum, requires = "vduse")]
-    attach: Option<frontend::vduse::Attach>,
+    attach: Option<vfrelay::Attach>,
     /// Queue pairs.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     queues: Option<u16>,
@@ -271,7 +266,7 @@ struct VduseArgs {
     /// vDPA bus driver to attach to: a kernel netdev (virtio-vdpa), a
     /// /dev/vhost-vdpa-N for QEMU (vhost-vdpa), or none (attach yourself).
     #[arg(long, value_enum, default_value = "virtio-vdpa")]
-    attach: frontend::vduse::Attach,
+    attach: vfrelay::Attach,
     /// Ring size offered to the driver (power of two).
     #[arg(long, default_value_t = 256, value_parser = parse_queue_size)]
     queue_size: u16,
@@ -349,7 +344,7 @@ impl PortAddArgs {
             },
             (None, device) => Kind::Vduse {
                 device: device.clone().unwrap_or_default(),
-                attach: self.attach.unwrap_or(frontend::vduse::Attach::VirtioVdpa),
+                attach: self.attach.unwrap_or(vfrelay::Attach::VirtioVdpa),
             },
         };
         let queue_size = self.queue_size.unwrap_or(match kind {
@@ -680,12 +675,12 @@ mod tests {
             panic!("not vduse")
         };
         assert_eq!(a.name, "vd0");
-        assert_eq!(a.attach, frontend::vduse::Attach::VhostVdpa);
+        assert_eq!(a.attach, vfrelay::Attach::VhostVdpa);
         assert_eq!((a.dev.mtu, a.queue_size), (1400, 256));
         let Command::Vduse(a) = parse(&["vduse", "--name", "x"]).unwrap().cmd else {
             panic!("not vduse")
         };
-        assert_eq!(a.attach, frontend::vduse::Attach::VirtioVdpa);
+        assert_eq!(a.attach, vfrelay::Attach::VirtioVdpa);
         for bad in [
             &["vduse"][..],
             &["vduse", "--name", "x", "--attach", "vfio"],
@@ -697,7 +692,7 @@ mod tests {
         let Command::Vduse(a) = c.cmd else {
             panic!("not vduse")
         };
-        assert_eq!(a.attach, frontend::vduse::Attach::None);
+        assert_eq!(a.attach, vfrelay::Attach::None);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use clap::{ArgGroup, Args, Subcommand};
 use serde::Serialize;
 use vfrelay_sriov::{self as sriov, LinkState, PfReport, Sysfs, VfSettings};
 
-use crate::net;
+use vfrelay::net;
 
 #[derive(Args, Debug)]
 pub struct VfArgs {

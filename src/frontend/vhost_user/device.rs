@@ -530,7 +530,8 @@ impl Device {
     fn va_to_gpa(&self, va: u64, len: u64) -> Option<u64> {
         self.regions.iter().find_map(|r| {
             let off = va.checked_sub(r.uaddr)?;
-            (off < r.size && len <= r.size - off).then_some(r.gpa + off)
+            // Lazily: for a va far past this region, gpa + off overflows.
+            (off < r.size && len <= r.size - off).then(|| r.gpa + off)
         })
     }
 

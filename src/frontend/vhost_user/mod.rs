@@ -35,6 +35,32 @@ const SOCKET: OwnerOnly<'static> = OwnerOnly {
     live: IN_USE,
 };
 
+/// Read one request from `conn`, handle it and reply: an error ends the
+/// connection. (The fuzz target drives the same function.)
+pub(crate) fn serve_one(dev: &mut Device, conn: &UnixStream, name: &str) -> Result<(), WireError> {
+    let r = protocol::recv(conn)?;
+    let hdr = r.hdr;
+    let req = r.req;
+    let ack = dev.reply_ack() && hdr.need_reply();
+    debug!("{name}: {req:?}");
+    let out = dev.handle(r);
+    let status = match out {
+        Ok(Some(payload)) => return Ok(protocol::reply(conn, &hdr, &payload)?),
+        Ok(None) => 0,
+        Err(Failure::Refused(m)) if !protocol::has_reply(req) => {
+            warn!("{name}: {req:?} refused: {m}");
+            1
+        }
+        Err(Failure::Refused(m)) | Err(Failure::Close(m)) => {
+            return Err(WireError::Bad(format!("{req:?}: {m}")))
+        }
+    };
+    if ack {
+        protocol::reply(conn, &hdr, VhostUserU64::new(status).as_slice())?;
+    }
+    Ok(())
+}
+
 /// One vhost-user port: its socket, its connection, its device.
 pub struct Port {
     path: PathBuf,
@@ -158,28 +184,7 @@ impl Port {
 
     fn serve_one(&mut self) -> Result<(), WireError> {
         let conn = self.conn.as_ref().expect("connected");
-        let r = protocol::recv(conn)?;
-        let hdr = r.hdr;
-        let req = r.req;
-        let ack = self.dev.reply_ack() && hdr.need_reply();
-        debug!("{}: {req:?}", self.name);
-        let out = self.dev.handle(r);
-        let conn = self.conn.as_ref().expect("connected");
-        let status = match out {
-            Ok(Some(payload)) => return Ok(protocol::reply(conn, &hdr, &payload)?),
-            Ok(None) => 0,
-            Err(Failure::Refused(m)) if !protocol::has_reply(req) => {
-                warn!("{}: {req:?} refused: {m}", self.name);
-                1
-            }
-            Err(Failure::Refused(m)) | Err(Failure::Close(m)) => {
-                return Err(WireError::Bad(format!("{req:?}: {m}")))
-            }
-        };
-        if ack {
-            protocol::reply(conn, &hdr, VhostUserU64::new(status).as_slice())?;
-        }
-        Ok(())
+        serve_one(&mut self.dev, conn, &self.name)
     }
 
     fn detach(&mut self) {
