@@ -223,8 +223,8 @@ const FLUSH_MS: u32 = 20;
 /// How often the watcher reads testpmd's counters.
 const SAMPLE: Duration = Duration::from_millis(100);
 /// A port that must not pause moves in every window this long. (Seen:
-/// 100 to 350 ms, the guest booting or the fuzzers of a neighbour taking
-/// the CPU.)
+/// 100 to 490 ms, the guest booting or a neighbour's fuzzers taking the
+/// CPU.)
 const MAX_STALL: Duration = Duration::from_secs(1);
 /// How long the killed daemon stays down each round: its ports pause for
 /// longer than [`MAX_STALL`], so a stall it caused elsewhere would show.
