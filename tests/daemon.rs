@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::dpdk::{self, PortStats, Testpmd};
+use common::dpdk::{self, assert_exact, PortStats, Testpmd};
 use common::vfrelay::{self, Rpc, Vfrelay};
 use common::{secs, unique_name, wait_until, TempDir};
 use serde_json::{json, Value};
@@ -113,22 +113,6 @@ fn stop_daemon(d: Vfrelay) {
     assert!(
         st.is_some_and(|s| s.success()),
         "daemon did not exit cleanly on SIGTERM ({st:?})\n{log}"
-    );
-}
-
-/// Checks a drained port: something was sent, everything came back,
-/// byte for byte, no errors.
-fn assert_exact(what: &str, s: &PortStats) {
-    assert!(s.tx_packets > 0, "{what}: sent nothing: {s:?}");
-    assert_eq!(
-        s.rx_packets, s.tx_packets,
-        "{what}: frames lost or duplicated: {s:?}"
-    );
-    assert_eq!(s.rx_bytes, s.tx_bytes, "{what}: bytes: {s:?}");
-    assert_eq!(
-        (s.rx_errors, s.rx_missed, s.rx_nombuf, s.tx_errors),
-        (0, 0, 0, 0),
-        "{what}: errors: {s:?}"
     );
 }
 

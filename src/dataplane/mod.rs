@@ -13,7 +13,7 @@ pub mod worker;
 
 use std::sync::Arc;
 
-use log::{debug, error};
+use log::{debug, error, warn};
 use vfrelay_backends::Backend;
 
 use crate::stats::{QueueStats, SharedStats};
@@ -52,6 +52,30 @@ pub trait RingCtl {
     }
 }
 
+/// A starting ring resumes where the guest's used ring says, whatever base
+/// the front end gave. Every ring here is used in order and nothing stays
+/// popped between bursts, so every chain before `used->idx` was used and
+/// none after it: resuming there hands no chain back twice, leaves none
+/// behind and never moves the used index backwards. The base can be wrong
+/// when a back end died: DPDK's virtio-user in server mode sends 0 again
+/// when a restarted back end reconnects, its rings thousands of entries
+/// further. A base ahead of the used index would skip the chains a dead
+/// back end took but never used, which then never come back to the guest.
+/// (DPDK's vhost library and libvhost-user resume there too.)
+fn resume_from_used(ctl: &mut dyn RingCtl, r: &SplitRing, what: &str) {
+    let used = r.used_idx();
+    if (ctl.next_avail(), ctl.next_used()) != (used, used) {
+        warn!(
+            "{what}: front end says resume at avail {} used {}; the guest's used ring is at \
+             {used}: resuming there",
+            ctl.next_avail(),
+            ctl.next_used()
+        );
+        ctl.set_next_avail(used);
+        ctl.set_next_used(used);
+    }
+}
+
 /// Cached translation of one ring plus its stop state.
 #[derive(Default)]
 struct RingSlot {
@@ -59,8 +83,9 @@ struct RingSlot {
     /// Identity of the MemView the ring was translated with.
     mem: Option<Arc<MemView>>,
     broken: bool,
-    /// The guest was interrupted since the ring last became active.
-    signalled: bool,
+    /// Resumed from the guest's used ring, and the guest interrupted, since
+    /// the ring last became active.
+    resumed: bool,
     /// Stopped for an address outside the view, not yet reported: the
     /// worker first asks the frontend ([`QueuePair::resolve_misses`]).
     missed: Option<ChainError>,
@@ -101,7 +126,7 @@ impl RingSlot {
             self.ring = None;
             self.mem = None;
             self.broken = false;
-            self.signalled = false;
+            self.resumed = false;
             self.missed = None;
             return None;
         }
@@ -122,20 +147,22 @@ impl RingSlot {
                         ctl.next_used(),
                         r.used_idx()
                     );
-                    self.ring = Some(r);
-                    self.mem = Some(mem.clone());
-                    // Interrupt once when a ring starts (not on every new
-                    // memory view: VDUSE gets one per IOTLB update). A back
-                    // end that died after publishing used entries but
-                    // before the interrupt leaves a guest waiting for it,
-                    // with no RX buffers posted: nobody would ever move
-                    // again (seen after SIGKILL and restart). A spurious
-                    // interrupt costs the driver one look. (vhost-user also
-                    // does it when a call fd arrives for a running ring.)
-                    if !self.signalled {
-                        self.signalled = true;
+                    // Once when a ring starts, not on every new memory
+                    // view (VDUSE gets one per IOTLB update).
+                    if !self.resumed {
+                        self.resumed = true;
+                        resume_from_used(ctl, &r, what);
+                        // A back end that died after publishing used
+                        // entries but before the interrupt leaves a guest
+                        // waiting for it, with no RX buffers posted: nobody
+                        // would ever move again (seen after SIGKILL and
+                        // restart). A spurious interrupt costs the driver
+                        // one look. (vhost-user also does it when a call fd
+                        // arrives for a running ring.)
                         ctl.signal();
                     }
+                    self.ring = Some(r);
+                    self.mem = Some(mem.clone());
                 }
                 Err(e) => {
                     self.fail(ctl, what, &e, stats, defer_miss);

@@ -438,15 +438,25 @@ fn malformed_tx_chain_stops_only_that_queue() {
     g2.run_event(&mut q2);
     assert_eq!(g2.used(false).len(), 1);
 
-    // A frontend reset (ring stopped and restarted) clears the stop.
-    g.tx_ctl.borrow_mut().active = false;
+    // A frontend reset (ring stopped and restarted) clears the stop. The
+    // ring resumes at the used ring, whatever base the frontend gives: the
+    // bad chain, taken but never used, is met again.
+    let restart = |g: &Guest, q: &mut QueuePair| {
+        g.tx_ctl.borrow_mut().active = false;
+        g.run_event(q);
+        let mut c = g.tx_ctl.borrow_mut();
+        (c.active, c.next_avail, c.broken) = (true, 1, None);
+    };
+    restart(&g, &mut q);
     g.run_event(&mut q);
-    g.tx_ctl.borrow_mut().active = true;
-    // The frontend restarts the ring where the stopped one left off (the
-    // bad chain at slot 0 was consumed).
-    g.tx_ctl.borrow_mut().next_avail = 1;
+    assert!(g.tx_ctl.borrow().broken.is_some(), "the bad chain again");
+    assert_eq!(q.stats.chain_errors, 2);
+    // Once the guest repairs it, both chains go out, in order.
+    let p = g.alloc(72);
+    g.desc(true, 0, p, 72, 0, 0);
+    restart(&g, &mut q);
     g.run_event(&mut q);
-    assert_eq!(g.used(true).len(), 1);
+    assert_eq!(g.used(true), vec![(0, 0), (1, 0)]);
 }
 
 #[test]
@@ -733,6 +743,49 @@ fn a_chain_error_mid_frame_publishes_no_part_of_it() {
     ));
     assert_eq!(g.used(false), vec![], "a truncated frame was published");
     assert_eq!(q.stats.rx_frames, 0);
+}
+
+/// A back end that takes over rings another one ran (restarted after a
+/// crash) resumes where the used rings are, whatever base the front end
+/// gives: behind them (DPDK virtio-user sends 0 again) or ahead (the dead
+/// one took a chain it never used).
+#[test]
+fn a_restarted_back_end_resumes_at_the_used_ring() {
+    // 100 chains in a ring of 64, then the crash.
+    for base in [0u16, 101] {
+        let mut g = Guest::new();
+        let mut q = qp();
+        for i in 0..5 {
+            for _ in 0..20 {
+                g.post_rx(1024);
+                g.send(&frame(100, i));
+            }
+            g.run_event(&mut q);
+            assert_eq!((g.used(true).len(), g.used(false).len()), (20, 20));
+        }
+        for ctl in [&g.rx_ctl, &g.tx_ctl] {
+            let mut c = ctl.borrow_mut();
+            (c.next_avail, c.next_used) = (base, base);
+        }
+        let mut q = qp();
+        let f = frame(300, 99);
+        let buf = g.post_rx(1024);
+        g.send(&f);
+        g.run_event(&mut q);
+        // Chain 100 of each ring (TX: two descriptors a frame), once. (A
+        // used index moved backwards reads as some 65,000 new entries.)
+        let (tx, rx) = (g.used(true), g.used(false));
+        let first = |v: &[(u32, u32)]| (v.len(), v.first().copied());
+        assert_eq!(first(&tx), (1, Some((200 % 64, 0))), "base {base}: TX");
+        let want = (1, Some((100 % 64, 12 + f.len() as u32)));
+        assert_eq!(first(&rx), want, "base {base}: RX");
+        assert_eq!(g.mem.read(buf + 12, f.len()), &swapped(&f)[..]);
+        for ctl in [&g.rx_ctl, &g.tx_ctl] {
+            let c = ctl.borrow();
+            assert_eq!((c.next_avail, c.next_used), (101, 101), "base {base}");
+            assert!(c.broken.is_none(), "base {base}: {:?}", c.broken);
+        }
+    }
 }
 
 /// `g`'s memory plus `late`: a mapping the frontend learns of only when a

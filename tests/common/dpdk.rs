@@ -152,6 +152,22 @@ pub fn split_port_stats(out: &str) -> Result<Vec<(u16, PortStats)>, String> {
     Ok(v)
 }
 
+/// Checks a drained port: something was sent, everything came back,
+/// byte for byte, no errors.
+pub fn assert_exact(what: &str, s: &PortStats) {
+    assert!(s.tx_packets > 0, "{what}: sent nothing: {s:?}");
+    assert_eq!(
+        s.rx_packets, s.tx_packets,
+        "{what}: frames lost or duplicated: {s:?}"
+    );
+    assert_eq!(s.rx_bytes, s.tx_bytes, "{what}: bytes: {s:?}");
+    assert_eq!(
+        (s.rx_errors, s.rx_missed, s.rx_nombuf, s.tx_errors),
+        (0, 0, 0, 0),
+        "{what}: errors: {s:?}"
+    );
+}
+
 /// testpmd's mbuf pool: plenty for 2 queue pairs x (1024 RX + 1024 TX
 /// descriptors) + frames in flight.
 pub const MBUFS: u32 = 32768;
