@@ -199,6 +199,11 @@ struct Fuzz {
     owned: Vec<u32>,
     /// The guest behaved so far: `owned` means what it says.
     owners_ok: bool,
+    /// Since the last restart, chains were used in the order they were
+    /// popped and none was popped after a refused one: what the dataplane
+    /// does (it uses in order and stops a queue at its first bad chain), and
+    /// what resuming at the used index after a crash relies on.
+    in_order: bool,
     /// The guest's avail index never went backwards or more than a ring
     /// ahead: vfrelay's cached index is still a lower bound of the fresh one.
     idx_sane: bool,
@@ -399,6 +404,8 @@ impl Fuzz {
             self.recent.push(p);
         } else {
             self.recent.clear();
+            // The dataplane pops nothing after a refused chain.
+            self.in_order = false;
         }
         ok
     }
@@ -510,7 +517,12 @@ impl Fuzz {
         if self.outstanding.is_empty() {
             return;
         }
-        let p = self.outstanding.remove(pick % self.outstanding.len());
+        let pick = pick % self.outstanding.len();
+        if pick != 0 {
+            // Used out of order: the dataplane never does.
+            self.in_order = false;
+        }
+        let p = self.outstanding.remove(pick);
         let slot = self.ring.next_used & (self.size() - 1);
         self.ring.put_used(p.head, len);
         self.mirror(self.addrs.used + 4 + 8 * slot as u64, 8);
@@ -567,6 +579,9 @@ impl Fuzz {
         self.unpublished.truncate(self.unpublished.len() - k);
         self.ring.next_used = self.ring.next_used.wrapping_sub(k as u16);
         self.recent.clear();
+        // Those chains stay taken with no used entry: later ones would be
+        // used out of order.
+        self.in_order = false;
     }
 
     fn publish(&mut self) {
@@ -681,6 +696,12 @@ impl Fuzz {
     /// Chains in flight are lost or popped again.
     fn restart(&mut self) {
         let base = Self::read_u16(&self.a, self.addrs.used + 2);
+        if !self.in_order {
+            // Chains before the used index may still be out and chains
+            // after it used: ownership says nothing once resumed there.
+            self.owners_ok = false;
+        }
+        self.in_order = true;
         let mut r = SplitRing::new(&self.view, self.addrs).expect("ring translated before");
         r.event_idx = self.event_idx;
         r.indirect = self.indirect;
@@ -895,6 +916,7 @@ pub fn ring(data: &[u8]) {
         next_id: 0,
         owned: vec![0; size as usize],
         owners_ok: true,
+        in_order: true,
         idx_sane: true,
         used_scribbled: false,
         used_touched: false,
