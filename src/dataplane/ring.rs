@@ -178,7 +178,7 @@ struct Desc {
 ///
 /// # Safety
 /// `p` must point to 16 readable bytes.
-#[inline]
+#[inline(always)]
 unsafe fn read_desc(p: *const u8) -> Desc {
     let (lo, hi) = if (p as usize).is_multiple_of(8) {
         // SAFETY: the caller's 16 bytes, 8-aligned (the descriptor table
@@ -190,15 +190,8 @@ unsafe fn read_desc(p: *const u8) -> Desc {
             )
         }
     } else {
-        let mut b = [0u8; 16];
-        for (i, byte) in b.iter_mut().enumerate() {
-            // SAFETY: i < 16, inside the caller's 16 bytes.
-            *byte = unsafe { std::ptr::read_volatile(p.add(i)) };
-        }
-        (
-            u64::from_ne_bytes(b[0..8].try_into().unwrap()),
-            u64::from_ne_bytes(b[8..16].try_into().unwrap()),
-        )
+        // SAFETY: the caller's promise.
+        unsafe { read_desc_unaligned(p) }
     };
     // Little-endian fields: addr, then len, flags and next in the 2nd word.
     let (lo, hi) = (u64::from_le(lo), u64::from_le(hi));
@@ -208,6 +201,25 @@ unsafe fn read_desc(p: *const u8) -> Desc {
         flags: (hi >> 32) as u16,
         next: (hi >> 48) as u16,
     }
+}
+
+/// [`read_desc`]'s rare case, out of line so the common one stays small
+/// enough to inline into the burst loops.
+///
+/// # Safety
+/// `p` must point to 16 readable bytes.
+#[cold]
+#[inline(never)]
+unsafe fn read_desc_unaligned(p: *const u8) -> (u64, u64) {
+    let mut b = [0u8; 16];
+    for (i, byte) in b.iter_mut().enumerate() {
+        // SAFETY: i < 16, inside the caller's 16 bytes.
+        *byte = unsafe { std::ptr::read_volatile(p.add(i)) };
+    }
+    (
+        u64::from_ne_bytes(b[0..8].try_into().unwrap()),
+        u64::from_ne_bytes(b[8..16].try_into().unwrap()),
+    )
 }
 
 #[inline]
@@ -648,7 +660,7 @@ impl SplitRing {
     /// leading bytes of a TX buffer the caller never reads (the header, for
     /// a backend without one). Prefetches cannot fault; `pop` still checks
     /// everything it uses.
-    #[inline]
+    #[inline(always)]
     pub fn prefetch(&self, pending: u16, write: bool, skip: usize) {
         if pending > DESC_AHEAD {
             if let Some(d) = self.peek_desc(DESC_AHEAD) {
