@@ -139,7 +139,9 @@ impl RingSlot {
             _ => true,
         };
         if stale {
-            match SplitRing::new(mem, addrs) {
+            // SAFETY: the ring is cached with `mem` (self.mem below) and
+            // dropped or re-made whenever the view changes.
+            match unsafe { SplitRing::new(mem, addrs) } {
                 Ok(r) => {
                     debug!(
                         "{what}: ring {addrs:?} base avail {} used {} (guest used idx {})",

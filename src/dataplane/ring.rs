@@ -132,10 +132,13 @@ impl Chain {
     }
 
     /// The segments, for a backend to read.
+    ///
+    /// # Safety
+    /// The memory view the chain was popped with must still be alive.
     #[inline]
-    pub fn segs(&self) -> vfrelay_backends::Segs<'_> {
-        // SAFETY: `pop` translated every segment inside the memory view of
-        // this burst, which the worker keeps mapped while the chain is used.
+    pub unsafe fn segs(&self) -> vfrelay_backends::Segs<'_> {
+        // SAFETY: `pop` translated every segment inside that view, which the
+        // caller promises is still mapped.
         unsafe { vfrelay_backends::Segs::new(&self.iov) }
     }
 
@@ -360,7 +363,12 @@ unsafe impl Send for SplitRing {}
 impl SplitRing {
     /// Translate a ring. Sizes per the virtio spec: 16-byte descriptors,
     /// avail = 4 + 2*size (+2 used_event), used = 4 + 8*size (+2 avail_event).
-    pub fn new(mem: &MemView, a: RingAddrs) -> Result<Self, ChainError> {
+    ///
+    /// # Safety
+    /// The ring keeps host pointers into `mem`'s mappings and dereferences
+    /// them in every later call: use it only while those mappings live
+    /// (keep the `Arc<MemView>` it was made from, as `RingSlot` does).
+    pub unsafe fn new(mem: &MemView, a: RingAddrs) -> Result<Self, ChainError> {
         let bad = ChainError::BadRing {
             desc: a.desc,
             avail: a.avail,
@@ -852,7 +860,8 @@ pub(crate) mod tests {
 
     fn pop_one(d: &mut Driver, writable: bool) -> Result<Chain, ChainError> {
         let view = d.mem.view();
-        let mut r = SplitRing::new(&view, Driver::addrs()).unwrap();
+        // SAFETY: `view` (and the memory behind it) outlives the ring.
+        let mut r = unsafe { SplitRing::new(&view, Driver::addrs()) }.unwrap();
         r.indirect = true;
         assert!(r.pending()? > 0);
         let mut c = Chain::default();
@@ -1056,7 +1065,8 @@ pub(crate) mod tests {
         d.set_desc(DESC, 0, DATA + 0x1000, 32, VRING_DESC_F_INDIRECT, 0);
         d.push_avail(0);
         let view = d.mem.view();
-        let mut r = SplitRing::new(&view, Driver::addrs()).unwrap();
+        // SAFETY: `view` (and the memory behind it) outlives the ring.
+        let mut r = unsafe { SplitRing::new(&view, Driver::addrs()) }.unwrap();
         r.pending().unwrap();
         let mut c = Chain::default();
         assert_eq!(
@@ -1070,7 +1080,8 @@ pub(crate) mod tests {
         let mut d = Driver::new();
         d.mem.write(AVAIL + 2, &(QSIZE + 1).to_le_bytes());
         let view = d.mem.view();
-        let mut r = SplitRing::new(&view, Driver::addrs()).unwrap();
+        // SAFETY: `view` (and the memory behind it) outlives the ring.
+        let mut r = unsafe { SplitRing::new(&view, Driver::addrs()) }.unwrap();
         assert!(matches!(r.pending(), Err(ChainError::AvailIndex { .. })));
     }
 
@@ -1100,7 +1111,8 @@ pub(crate) mod tests {
                 ..Driver::addrs()
             },
         ] {
-            assert!(SplitRing::new(&view, a).is_err(), "{a:?}");
+            // SAFETY: refused, or dropped at once.
+            assert!(unsafe { SplitRing::new(&view, a) }.is_err(), "{a:?}");
         }
     }
 
@@ -1134,7 +1146,8 @@ pub(crate) mod tests {
         let mut view = d.mem.view();
         // SAFETY: `extra` outlives the view.
         assert!(unsafe { view.add(BASE + 0x40000, 0x1000, extra.as_mut_ptr(), Perm::ReadWrite) });
-        let mut r = SplitRing::new(&view, Driver::addrs()).unwrap();
+        // SAFETY: `view` (and the memory behind it) outlives the ring.
+        let mut r = unsafe { SplitRing::new(&view, Driver::addrs()) }.unwrap();
         r.pending().unwrap();
         let mut c = Chain::default();
         r.pop(&view, false, 65536, &mut c).unwrap();
@@ -1147,7 +1160,8 @@ pub(crate) mod tests {
     fn used_ring_and_event_idx() {
         let mut d = Driver::new();
         let view = d.mem.view();
-        let mut r = SplitRing::new(&view, Driver::addrs()).unwrap();
+        // SAFETY: `view` (and the memory behind it) outlives the ring.
+        let mut r = unsafe { SplitRing::new(&view, Driver::addrs()) }.unwrap();
         r.event_idx = true;
         r.put_used(7, 42);
         r.put_used(8, 0);
@@ -1190,7 +1204,8 @@ pub(crate) mod tests {
     fn kick_suppression() {
         let mut d = Driver::new();
         let view = d.mem.view();
-        let mut r = SplitRing::new(&view, Driver::addrs()).unwrap();
+        // SAFETY: `view` (and the memory behind it) outlives the ring.
+        let mut r = unsafe { SplitRing::new(&view, Driver::addrs()) }.unwrap();
         r.event_idx = true;
         r.sync(9, 0);
         r.enable_kicks();

@@ -35,6 +35,30 @@ pub fn burst(
     hdr_len: usize,
     stats: &mut QueueStats,
 ) -> Result<(usize, bool), ChainError> {
+    let mut n = 0;
+    let res = take(ring, mem, chain, backend, hdr_len, stats, &mut n);
+    // Also when a bad chain stopped the burst: the frames taken before it
+    // are the guest's, and the stopped queue will not flush them later.
+    if n > 0 {
+        if let Err(e) = backend.tx_flush() {
+            debug!("{}: tx flush: {e}", backend.describe());
+            stats.tx_errors += 1;
+        }
+    }
+    res.map(|blocked| (n, blocked))
+}
+
+/// [`burst`]'s loop: counts frames taken in `n`, returns whether the
+/// backend was full.
+fn take(
+    ring: &mut SplitRing,
+    mem: &MemView,
+    chain: &mut Chain,
+    backend: &mut dyn Backend,
+    hdr_len: usize,
+    stats: &mut QueueStats,
+    n: &mut usize,
+) -> Result<bool, ChainError> {
     let vnet = backend.vnet_hdr();
     // The header is skipped unread for a plain-Ethernet backend (below).
     let unread = if !vnet || hdr_len != VNET_HDR_LEN {
@@ -42,11 +66,10 @@ pub fn burst(
     } else {
         0
     };
-    let mut n = 0;
     let mut blocked = false;
     let mut pending = ring.pending()?;
     ring.prefetch_used(pending.min(BURST as u16));
-    while n < BURST {
+    while *n < BURST {
         if pending == 0 {
             pending = ring.pending()?;
             if pending == 0 {
@@ -71,14 +94,15 @@ pub fn burst(
         if unread > 0 {
             chain.skip_front(unread);
         }
-        match backend.tx_frame(chain.segs()) {
+        // SAFETY: popped just now with `mem`, which the caller holds.
+        match backend.tx_frame(unsafe { chain.segs() }) {
             Ok(true) => {
                 ring.put_used(chain.head(), 0);
                 stats.count_tx(
                     (len - hdr_len as u64) as usize,
                     dest(chain, hdr_len - unread).as_ref().map(|d| &d[..]),
                 );
-                n += 1;
+                *n += 1;
             }
             Ok(false) => {
                 ring.unpop(1);
@@ -90,15 +114,9 @@ pub fn burst(
                 debug!("{}: tx: {e}", backend.describe());
                 ring.put_used(chain.head(), 0);
                 stats.tx_errors += 1;
-                n += 1;
+                *n += 1;
             }
         }
     }
-    if n > 0 {
-        if let Err(e) = backend.tx_flush() {
-            debug!("{}: tx flush: {e}", backend.describe());
-            stats.tx_errors += 1;
-        }
-    }
-    Ok((n, blocked))
+    Ok(blocked)
 }

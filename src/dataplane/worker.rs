@@ -93,11 +93,16 @@ impl Slot {
         let n = self
             .qp
             .round(&self.mem, self.log.as_deref(), &mut self.rx, &mut self.tx);
-        if let Some(h) = self.miss.as_mut() {
-            self.qp
-                .resolve_misses(&mut self.mem, &mut self.rx, &mut self.tx, h);
-        }
-        n
+        // A resolved miss is work: its ring goes on at once. Reported as
+        // none, an event-mode worker could sleep on a ring whose avail_event
+        // already passed the buffers the guest posted.
+        let resolved = match self.miss.as_mut() {
+            Some(h) => self
+                .qp
+                .resolve_misses(&mut self.mem, &mut self.rx, &mut self.tx, h),
+            None => false,
+        };
+        n + usize::from(resolved)
     }
 
     fn set_kicks(&mut self, on: bool) {

@@ -702,7 +702,9 @@ impl Fuzz {
             self.owners_ok = false;
         }
         self.in_order = true;
-        let mut r = SplitRing::new(&self.view, self.addrs).expect("ring translated before");
+        // SAFETY: the view and memory `a` live as long as the Fuzz state.
+        let mut r =
+            unsafe { SplitRing::new(&self.view, self.addrs) }.expect("ring translated before");
         r.event_idx = self.event_idx;
         r.indirect = self.indirect;
         r.sync(base, base);
@@ -880,7 +882,8 @@ pub fn ring(data: &[u8]) {
     };
     let feats = u.u8();
     let (event_idx, indirect) = (feats & 1 != 0, feats & 2 != 0);
-    let ring = match SplitRing::new(&view, addrs) {
+    // SAFETY: `a` and the view outlive the ring (both live in the Fuzz).
+    let ring = match unsafe { SplitRing::new(&view, addrs) } {
         Ok(r) => r,
         Err(_) => {
             // Refused: the reference must refuse too, unless vfrelay's rule

@@ -11,7 +11,9 @@
 //! - Each entry is mapped MAP_SHARED with the protection its permission
 //!   gives the device: read-only entries PROT_READ (a write is refused by
 //!   the view, and would fault rather than land in a private copy),
-//!   write-only entries PROT_WRITE (RX buffers under a vIOMMU). The fd
+//!   write-only entries (RX buffers under a vIOMMU) PROT_READ|PROT_WRITE,
+//!   the view granting the device only writes there (the RX path reads a
+//!   header back before rewriting it). The fd
 //!   IOTLB_GET_FD returns is the kernel's own file (the bounce domain, or
 //!   the VMA file vhost-vdpa recorded): receive_fd() applies only O_CLOEXEC
 //!   of the flags perm_to_file_flags() derives, so its access mode is that
@@ -107,14 +109,14 @@ pub fn check_entry(e: &IotlbEntry, from: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// mmap protection for an entry's permission. The values coincide with
-/// PROT_READ / PROT_WRITE, but spelled out: on x86 PROT_WRITE alone still
-/// reads, so the view's permission is what keeps a write-only entry from
-/// being read.
+/// mmap protection for an entry's permission. A write-only entry is
+/// mapped readable too: the RX path reads a header back before rewriting it
+/// (`MemView::add` promises readable memory), and the fd is the kernel's
+/// own read-write file. The view's permission (`Perm::Write`) is what keeps
+/// the device from taking a write-only buffer as one to read.
 fn prot_of(perm: u8) -> libc::c_int {
     match perm {
         uapi::ACCESS_RO => libc::PROT_READ,
-        uapi::ACCESS_WO => libc::PROT_WRITE,
         _ => libc::PROT_READ | libc::PROT_WRITE,
     }
 }
@@ -232,13 +234,27 @@ impl Table {
     /// changed entries are mapped, vanished ones dropped, unchanged ones
     /// kept as they are. An entry that cannot be mapped is left out
     /// (translations into it fail, stopping only the queue that uses it)
-    /// with a log line.
-    pub fn update(&mut self, dev: &dyn IotlbDev, start: u64, last: u64) -> Result<(), Error> {
-        let mut seen = Vec::new();
+    /// with a log line. Returns whether anything changed. If the kernel
+    /// cannot be read, every entry in the range not confirmed yet is
+    /// dropped (the kernel may reuse what it unmapped as soon as the update
+    /// is answered) and the error returned.
+    pub fn update(&mut self, dev: &dyn IotlbDev, start: u64, last: u64) -> Result<bool, Error> {
+        let mut seen = std::collections::HashSet::new();
+        let mut changed = false;
         let mut from = start;
+        let mut failed = None;
+        let mut whole = false;
         for _ in 0..MAX_MAPPINGS {
-            let Some((fd, e)) = dev.get_fd(from, last)? else {
-                break;
+            let (fd, e) = match dev.get_fd(from, last) {
+                Ok(Some(x)) => x,
+                Ok(None) => {
+                    whole = true;
+                    break;
+                }
+                Err(err) => {
+                    failed = Some(err);
+                    break;
+                }
             };
             if let Err(msg) = check_entry(&e, from) {
                 warn!("IOTLB: {msg}; ignoring the rest");
@@ -250,16 +266,23 @@ impl Table {
                 .get(&e.start)
                 .is_some_and(|old| old.e == e && old.file == file);
             if !unchanged {
+                changed = true;
                 self.entries.remove(&e.start);
                 if let Some(backing) = self.back(dev, &fd, &e) {
                     self.entries.insert(e.start, Entry { e, file, backing });
                 }
             }
-            seen.push(e.start);
+            seen.insert(e.start);
             match next_start(&e) {
                 Some(n) if n <= last => from = n.max(from),
-                _ => break,
+                _ => {
+                    whole = true;
+                    break;
+                }
             }
+        }
+        if !whole && failed.is_none() {
+            warn!("IOTLB: more than {MAX_MAPPINGS} entries; those past them are not mapped");
         }
         // Whatever overlapped the range and the kernel no longer has.
         let gone: Vec<u64> = self
@@ -270,9 +293,13 @@ impl Table {
             .collect();
         for s in gone {
             let x = self.entries.remove(&s).unwrap();
+            changed = true;
             debug!("IOTLB: {:#x}..={:#x} gone", x.e.start, x.e.last);
         }
-        Ok(())
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(changed),
+        }
     }
 
     /// What serves entry `e`: our registered memory for the bounce range,
@@ -449,6 +476,21 @@ mod tests {
         let v = t.view();
         assert_eq!(read(&v, 0x10010, 5).unwrap(), b"hello");
         assert!(v.translate(0x10000 + 2 * PAGE, 1, Perm::Read).is_none());
+    }
+
+    #[test]
+    fn an_update_says_whether_anything_changed_and_fails_closed() {
+        let f = Arc::new(memfd(4 * PAGE));
+        let dev = FakeDevice::default();
+        dev.add(0x10000, PAGE, uapi::ACCESS_RW, f.clone(), 0);
+        let mut t = Table::default();
+        assert!(t.update(&dev, 0, u64::MAX).unwrap(), "new entry");
+        assert!(!t.update(&dev, 0, u64::MAX).unwrap(), "nothing new");
+        // The kernel cannot be read: nothing unconfirmed stays mapped (it
+        // may reuse what it unmapped as soon as the update is answered).
+        dev.broken.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(t.update(&dev, 0, u64::MAX).is_err());
+        assert!(t.view().translate(0x10000, 1, Perm::Read).is_none());
     }
 
     #[test]

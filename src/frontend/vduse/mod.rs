@@ -271,8 +271,12 @@ impl<D: VduseDev> Shared<D> {
     fn refresh_view(&self, start: u64, last: u64) {
         let v = {
             let mut t = self.iotlb.lock().unwrap();
-            if let Err(e) = t.update(&self.dev, start, last) {
-                error!("{}: reading the IOTLB: {e}", self.name);
+            match t.update(&self.dev, start, last) {
+                // Nothing to hand over (vhost-vdpa sends an update of the
+                // whole range for every map and unmap).
+                Ok(false) => return,
+                Ok(true) => {}
+                Err(e) => error!("{}: reading the IOTLB: {e}", self.name),
             }
             t.view()
         };
@@ -395,6 +399,9 @@ impl<D: VduseDev> Shared<D> {
     /// used rings say.
     pub(crate) fn resume(self: &Arc<Self>, status: u8) -> Result<(), String> {
         let mut st = self.state.lock().unwrap();
+        if st.started {
+            return Ok(());
+        }
         self.start(&mut st, true)?;
         st.status = status;
         self.record_status(status);
@@ -700,7 +707,7 @@ impl Port {
         for i in 0..VQ_NUM {
             device.vq_setup(i, net.cfg.queue_size)?;
         }
-        port.serve(device, net, qp, want)?;
+        port.serve(device, net, qp, want, |_| Ok(()))?;
         match driver {
             Some(d) => {
                 netlink::dev_add(&net.name)?;
@@ -751,6 +758,7 @@ impl Port {
         net: &VduseNet,
         qp: QpRef,
         record: state::Record,
+        before: impl FnOnce(&Arc<Shared>) -> Result<(), Error>,
     ) -> Result<Arc<Shared>, Error> {
         let sh = Shared::new(
             net.name.clone(),
@@ -761,6 +769,11 @@ impl Port {
             record,
         )?;
         self.shared = Some(sh.clone());
+        // Before any request is answered: the kernel re-queues those a dead
+        // vfrelay left unanswered, and they must meet the state restored.
+        // Its failure is returned once the thread runs: tearing the device
+        // down needs our answers.
+        let restored = before(&sh);
         let t = sh.clone();
         self.requests = Some(
             std::thread::Builder::new()
@@ -768,7 +781,7 @@ impl Port {
                 .spawn(move || serve_requests(t))
                 .map_err(sys("spawning the request thread"))?,
         );
-        Ok(sh)
+        restored.map(|()| sh)
     }
 
     /// The device exists already. Ours (we have a record of it) and not
@@ -811,9 +824,6 @@ impl Port {
         // A device the kernel marked broken (a request timed out while
         // nobody served it) refuses every ioctl with EPERM.
         let broken = device.driver_features().is_err();
-        let sh = self.serve(device, net, qp, rec.clone())?;
-        let attached = Path::new("/sys/bus/vdpa/devices").join(&name).exists();
-        self.added = attached;
         let why = if broken {
             Some("the kernel gave up on it (a request timed out)")
         } else if !rec.same_device(want) {
@@ -821,6 +831,24 @@ impl Port {
         } else {
             None
         };
+        let restore = |sh: &Arc<Shared>| -> Result<(), Error> {
+            if why.is_some() {
+                return Ok(());
+            }
+            if rec.status & uapi::VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+                sh.resume(rec.status).map_err(|e| Error::Sys {
+                    what: format!("{name}: resuming the device a previous vfrelay left"),
+                    source: io::Error::other(e),
+                })
+            } else {
+                sh.state.lock().unwrap().status = rec.status;
+                sh.record_status(rec.status);
+                Ok(())
+            }
+        };
+        let sh = self.serve(device, net, qp, rec.clone(), restore)?;
+        let attached = Path::new("/sys/bus/vdpa/devices").join(&name).exists();
+        self.added = attached;
         if let Some(why) = why {
             info!(
                 "{name}: destroying the VDUSE device a previous vfrelay (pid {}) left: {why}",
@@ -832,15 +860,6 @@ impl Port {
             drop(sh);
             self.destroy();
             return Ok(false);
-        }
-        if rec.status & uapi::VIRTIO_CONFIG_S_DRIVER_OK != 0 {
-            sh.resume(rec.status).map_err(|e| Error::Sys {
-                what: format!("{name}: resuming the device a previous vfrelay left"),
-                source: io::Error::other(e),
-            })?;
-        } else {
-            sh.state.lock().unwrap().status = rec.status;
-            sh.record_status(rec.status);
         }
         match net.attach.driver() {
             Some(d) => {

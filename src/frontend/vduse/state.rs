@@ -120,10 +120,15 @@ impl Store {
     /// so a crash leaves the old record or the new, never half of one.
     pub fn write(&self, name: &str, r: &Record) -> io::Result<()> {
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)?;
+        // Parents (/run/vfrelay) with the default mode, as the daemon makes
+        // them (sockets there must stay reachable); only our own leaf 0700.
+        if let Some(parent) = self.dir.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        match std::fs::DirBuilder::new().mode(0o700).create(&self.dir) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
         let tmp = self.dir.join(format!(".{name}.tmp"));
         let mut f = std::fs::OpenOptions::new()
             .write(true)
