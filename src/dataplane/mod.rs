@@ -61,7 +61,11 @@ pub trait RingCtl {
 /// when a restarted back end reconnects, its rings thousands of entries
 /// further. A base ahead of the used index would skip the chains a dead
 /// back end took but never used, which then never come back to the guest.
-/// (DPDK's vhost library and libvhost-user resume there too.)
+/// DPDK's vhost library resumes there too (libvhost-user for devices
+/// that say they process in order). It assumes the previous back end
+/// completed in order as well: true of vfrelay, and of a migration source
+/// that is vfrelay or DPDK; after one that completed out of order, chains
+/// could be handed back twice.
 fn resume_from_used(ctl: &mut dyn RingCtl, r: &SplitRing, what: &str) {
     let used = r.used_idx();
     if (ctl.next_avail(), ctl.next_used()) != (used, used) {

@@ -434,9 +434,11 @@ impl<D: VduseDev> Shared<D> {
                 used: info.device_addr,
                 size: info.num as u16,
             });
-            // Where the driver wants us to resume (0 after a reset; the
-            // saved index after vhost-vdpa's SET_VRING_BASE). Every chain
-            // before it was used, so used resumes there too.
+            // What the driver says (0 after a reset; the saved index after
+            // vhost-vdpa's SET_VRING_BASE). The dataplane resumes a
+            // starting ring at the guest's used index whatever this says
+            // (dataplane::resume_from_used); they agree unless a back end
+            // died with chains in flight.
             vq.next_avail = info.split_avail_index();
         }
         let view = {
