@@ -848,9 +848,10 @@ impl Port {
                 Ok(())
             }
         };
-        let sh = self.serve(device, net, qp, rec.clone(), restore)?;
+        // Known before serving: a failed restore tears down, detach first.
         let attached = Path::new("/sys/bus/vdpa/devices").join(&name).exists();
         self.added = attached;
+        let sh = self.serve(device, net, qp, rec.clone(), restore)?;
         if let Some(why) = why {
             info!(
                 "{name}: destroying the VDUSE device a previous vfrelay (pid {}) left: {why}",
