@@ -113,6 +113,17 @@ impl Vfrelay {
         args.extend_from_slice(extra);
         let mut v = Vfrelay::spawn(None, &args);
         v.wait_for_socket(control, secs(10));
+        // The file appears at bind(), a moment before listen(): a client
+        // started in between is refused. Ready is when a connect works.
+        let ok = wait_until(secs(10), || {
+            std::os::unix::net::UnixStream::connect(control).is_ok() || !v.is_running()
+        });
+        assert!(
+            ok && v.is_running(),
+            "daemon not accepting on {}\n{}",
+            control.display(),
+            v.log_text()
+        );
         v.control = Some(control.to_path_buf());
         v
     }
