@@ -12,6 +12,7 @@ pub use frontend::vduse::Attach;
 pub mod net;
 pub mod shutdown;
 mod stats;
+mod switch;
 
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]

@@ -40,6 +40,9 @@ enum Command {
     Stats(StatsArgs),
     /// The daemon's workers and the queue pairs each runs.
     Worker(WorkerArgs),
+    /// The daemon's L2 switches: ports join one with
+    /// `--backend switch,name=NAME[,vlan=ID]`.
+    Switch(SwitchArgs),
     /// Serve a virtio-net device over a vhost-user socket.
     VhostUser(VhostUserArgs),
     /// Serve a virtio-net device as a VDUSE (vDPA) device in this kernel.
@@ -217,6 +220,37 @@ struct WorkerArgs {
 #[derive(Subcommand, Debug)]
 enum WorkerCmd {
     /// List the workers, their CPUs, load and queue pairs.
+    List(ListArgs),
+}
+
+#[derive(Args, Debug)]
+struct SwitchArgs {
+    #[command(subcommand)]
+    cmd: SwitchCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum SwitchCmd {
+    /// Add a switch, optionally with an uplink to the outside.
+    Add {
+        /// Switch name (letters, digits, '-', '_', '.').
+        name: String,
+        /// A device backend the switch reaches the outside through:
+        /// tap[,ifname=NAME] | af-xdp,ifname=NAME[,queue=Q][,mode=...] |
+        /// vf,pf=NAME,index=N | loopback. VLAN ports' frames carry their
+        /// tag on it.
+        #[arg(long, value_parser = ports::parse_backend)]
+        uplink: Option<vfrelay_backends::BackendSpec>,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Delete a switch that has no ports left.
+    Del {
+        name: String,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// List the switches: ports, MACs learned, counters.
     List(ListArgs),
 }
 
@@ -561,6 +595,51 @@ fn print_workers(v: &Value) {
     }
 }
 
+fn print_switches(v: &Value) {
+    for sw in v.as_array().into_iter().flatten() {
+        println!(
+            "switch {}  uplink {}",
+            s(&sw["name"]),
+            s(&sw["uplink_spec"])
+        );
+        println!(
+            "  {:<16} {:>5} {:>12} {:>12} {:>12}",
+            "PORT", "VLAN", "UNICAST", "FLOODED", "DROPPED"
+        );
+        for p in sw["ports"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<16} {:>5} {:>12} {:>12} {:>12}",
+                s(&p["name"]),
+                s(&p["vlan"]),
+                s(&p["unicast"]),
+                s(&p["flooded"]),
+                s(&p["dropped"])
+            );
+        }
+        if sw["uplink"].is_object() {
+            let u = &sw["uplink"];
+            println!(
+                "  {:<16} {:>5} {:>12} {:>12} {:>12}",
+                "(uplink)",
+                "-",
+                s(&u["unicast"]),
+                s(&u["rx_frames"]),
+                s(&u["dropped"])
+            );
+        }
+        println!("  {:<17} {:>5} {:<16} AGE", "MAC", "VLAN", "PORT");
+        for m in sw["macs"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<17} {:>5} {:<16} {}",
+                s(&m["mac"]),
+                s(&m["vlan"]),
+                s(&m["port"]),
+                s(&m["age"])
+            );
+        }
+    }
+}
+
 fn run(cmd: Command) -> Result<(), Box<dyn std::error::Error>> {
     match cmd {
         Command::Daemon(a) => {
@@ -604,6 +683,27 @@ fn run(cmd: Command) -> Result<(), Box<dyn std::error::Error>> {
         Command::Worker(WorkerArgs {
             cmd: WorkerCmd::List(a),
         }) => a.show("worker_list", json!({}), print_workers),
+        Command::Switch(SwitchArgs { cmd }) => match cmd {
+            SwitchCmd::Add {
+                name,
+                uplink,
+                control,
+            } => {
+                let mut params = json!({ "name": name });
+                if let Some(u) = &uplink {
+                    params["uplink"] = json!(u.to_string());
+                }
+                client(&control, "switch_add", params)?;
+                println!("switch {name} added");
+                Ok(())
+            }
+            SwitchCmd::Del { name, control } => {
+                client(&control, "switch_del", json!({ "name": name }))?;
+                println!("switch {name} deleted");
+                Ok(())
+            }
+            SwitchCmd::List(a) => a.show("switch_list", json!({}), print_switches),
+        },
         Command::VhostUser(a) => run_one_port(a.spec(), a.dev.poll),
         Command::Vduse(a) => run_one_port(a.spec(), a.dev.poll),
         Command::Vf(a) => vf_cmd::run(a),

@@ -12,6 +12,7 @@
 //! Prometheus name (and label, for families such as frame sizes) and help.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use serde_json::{Map, Value};
 
@@ -90,9 +91,11 @@ counters! {
     tx_size_1519_max = "tx_size_frames" {"size" = "1519-max"}: "",
     rx_dropped = "": "",
     rx_dropped_oversized = "rx_dropped_frames" {"cause" = "oversized"}:
-        "Frames for the guest dropped, by cause: larger than its buffers can take (oversized), shorter than a virtio-net header (short), or queued in the backend while no guest was attached (stale).",
+        "Frames for the guest dropped, by cause: larger than its buffers can take (oversized), shorter than a virtio-net header (short), queued in the backend while no guest was attached (stale); switch ports: no RX buffer free (full) or RX ring not running (no_ring).",
     rx_dropped_short = "rx_dropped_frames" {"cause" = "short"}: "",
     rx_dropped_stale = "rx_dropped_frames" {"cause" = "stale"}: "",
+    rx_dropped_full = "rx_dropped_frames" {"cause" = "full"}: "",
+    rx_dropped_no_ring = "rx_dropped_frames" {"cause" = "no_ring"}: "",
     rx_no_buffer = "rx_no_buffer": "RX bursts that stopped with frames waiting in the backend because the guest had no RX buffers free (a busy-polling worker counts every round it finds none).",
     tx_backend_full = "tx_backend_full": "TX bursts that stopped because the backend had no room (counted every round while it lasts).",
     rx_errors = "rx_errors": "Backend receive errors.",
@@ -130,12 +133,13 @@ counters! {
 }
 
 impl QueueStats {
-    /// A frame delivered to the guest (`frame`: Ethernet header onwards).
+    /// A frame of `len` bytes (Ethernet header onwards) delivered to the
+    /// guest; `dst`: its destination MAC.
     #[inline]
-    pub fn count_rx(&mut self, frame: &[u8]) {
+    pub fn count_rx(&mut self, len: usize, dst: Option<&[u8]>) {
         self.rx_frames += 1;
-        self.rx_bytes += frame.len() as u64;
-        match frame.len() {
+        self.rx_bytes += len as u64;
+        match len {
             0..=64 => self.rx_size_64 += 1,
             65..=127 => self.rx_size_65_127 += 1,
             128..=255 => self.rx_size_128_255 += 1,
@@ -144,7 +148,7 @@ impl QueueStats {
             1024..=1518 => self.rx_size_1024_1518 += 1,
             _ => self.rx_size_1519_max += 1,
         }
-        match dest_kind(frame.get(..6)) {
+        match dest_kind(dst) {
             Dest::Broadcast => self.rx_broadcast += 1,
             Dest::Multicast => self.rx_multicast += 1,
             Dest::Unicast => {}
@@ -246,12 +250,17 @@ fn dest_kind(dst: Option<&[u8]>) -> Dest {
 /// The copy of a queue pair's counters that others read.
 pub struct SharedStats {
     values: [AtomicU64; N_COUNTERS],
+    /// Counters a second writer publishes for the same queue pair, added
+    /// in by [`Self::snapshot`]: a switch port's RX ring is counted by the
+    /// senders that deliver into it, on any worker.
+    also: OnceLock<Arc<SharedStats>>,
 }
 
 impl Default for SharedStats {
     fn default() -> Self {
         SharedStats {
             values: std::array::from_fn(|_| AtomicU64::new(0)),
+            also: OnceLock::new(),
         }
     }
 }
@@ -267,9 +276,18 @@ impl SharedStats {
     }
 
     pub fn snapshot(&self) -> QueueStats {
-        QueueStats::from_array(&std::array::from_fn(|i| {
+        let own = QueueStats::from_array(&std::array::from_fn(|i| {
             self.values[i].load(Ordering::Relaxed)
-        }))
+        }));
+        match self.also.get() {
+            Some(o) => own.add(&o.snapshot()),
+            None => own,
+        }
+    }
+
+    /// Add `other`'s counters to every snapshot from now on (once).
+    pub fn also_count(&self, other: Arc<SharedStats>) {
+        let _ = self.also.set(other);
     }
 }
 
@@ -284,7 +302,7 @@ mod tests {
         f[0] = 0x02;
         for len in [60, 64, 65, 127, 128, 1518, 1519] {
             f.resize(len, 0);
-            s.count_rx(&f);
+            s.count_rx(f.len(), f.get(..6));
         }
         assert_eq!(
             (

@@ -106,6 +106,45 @@ impl<'a> Segs<'a> {
     }
 }
 
+impl<'a> Segs<'a> {
+    /// The segments for as long as `'a` (Deref ties them to the `Segs`).
+    #[inline]
+    pub fn into_iovecs(self) -> &'a [libc::iovec] {
+        self.0
+    }
+
+    /// Total bytes.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|v| v.iov_len).sum()
+    }
+
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copy the first `out.len()` bytes (or fewer, if the frame is
+    /// shorter) into `out`; returns how many. For reading headers that may
+    /// straddle segments.
+    pub fn peek(&self, out: &mut [u8]) -> usize {
+        let mut n = 0;
+        for v in self.0 {
+            if n == out.len() {
+                break;
+            }
+            let k = v.iov_len.min(out.len() - n);
+            // SAFETY: k <= iov_len, readable by the promise `new` took;
+            // `out` is ours.
+            unsafe {
+                std::ptr::copy_nonoverlapping(v.iov_base as *const u8, out[n..].as_mut_ptr(), k)
+            };
+            n += k;
+        }
+        n
+    }
+}
+
 impl Segs<'_> {
     /// Run `f` on segments over byte slices the caller holds (tests, and
     /// frames vfrelay builds itself such as the RARP): safe, the slices are
@@ -181,7 +220,11 @@ pub trait Backend: Send {
     /// Queue one frame for transmission, given as scatter-gather segments.
     ///
     /// The segments may point into guest memory, which the guest can change
-    /// at any time: copy out of them, never build references to them.
+    /// at any time: copy out of them, never build references to them. Their
+    /// bytes stay readable until the next [`Self::tx_flush`] returns (the
+    /// dataplane hands the buffers back to the guest only after it), so a
+    /// backend may note the segments and copy at the flush, for a whole
+    /// burst at once (the switch does).
     /// Returns `Ok(false)` when the backend is full and the frame was NOT
     /// taken (the dataplane retries it later); `Ok(true)` when it was taken
     /// (sent, queued or deliberately dropped and counted).
@@ -231,6 +274,13 @@ pub enum BackendSpec {
         /// Port VLAN the PF tags the VF's traffic with (0 = untagged).
         vlan: Option<u16>,
     },
+    /// A port of the daemon's switch NAME (opened by the daemon, which
+    /// owns switches: [`BackendSpec::open`] refuses it).
+    Switch {
+        name: String,
+        /// Access VLAN (1..4094); None: untagged.
+        vlan: Option<u16>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -272,11 +322,27 @@ impl fmt::Display for BackendSpec {
                     None => Ok(()),
                 }
             }
+            BackendSpec::Switch { name, vlan } => {
+                write!(f, "switch,name={name}")?;
+                match vlan {
+                    Some(v) => write!(f, ",vlan={v}"),
+                    None => Ok(()),
+                }
+            }
         }
     }
 }
 
 pub(crate) use vfrelay_sriov::if_index;
+
+/// A switch name: what a port name may be (letters, digits, '-', '_', '.').
+pub fn valid_switch_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
 
 fn valid_ifname(name: &str) -> bool {
     !name.is_empty()
@@ -374,9 +440,31 @@ impl FromStr for BackendSpec {
                     vlan,
                 })
             }
+            "switch" => {
+                allow(&["name", "vlan"])?;
+                let name = get("name").ok_or_else(|| err("switch needs name=NAME".into()))?;
+                if !valid_switch_name(name) {
+                    return Err(err(format!(
+                        "'{name}' is not a valid switch name (letters, digits, '-', '_', '.')"
+                    )));
+                }
+                let vlan = match get("vlan") {
+                    None => None,
+                    Some(v) => Some(
+                        v.parse::<u16>()
+                            .ok()
+                            .filter(|n| (1..=4094).contains(n))
+                            .ok_or_else(|| err(format!("vlan={v}: expected 1..4094")))?,
+                    ),
+                };
+                Ok(BackendSpec::Switch {
+                    name: name.to_string(),
+                    vlan,
+                })
+            }
             "" => Err(err("empty backend spec".into())),
             other => Err(err(format!(
-                "unknown backend '{other}' (expected loopback, tap, af-xdp or vf)"
+                "unknown backend '{other}' (expected loopback, tap, af-xdp, vf or switch)"
             ))),
         }
     }
@@ -419,6 +507,9 @@ impl BackendSpec {
                 mode,
             } => af_xdp::open(ifname, *queue, *mode, queue_pairs),
             BackendSpec::Vf { pf, index, vlan } => vf::open(pf, *index, *vlan, mac, queue_pairs),
+            BackendSpec::Switch { name, .. } => Err(Error::Other(format!(
+                "switch {name}: a switch port is made by the daemon, not opened"
+            ))),
         }
     }
 }
@@ -512,6 +603,12 @@ mod tests {
             "vf,pf=eth0,index=0,qos=1",
             "vf,index=0",
             "loopback,x=1",
+            "switch",
+            "switch,name=",
+            "switch,name=a/b",
+            "switch,name=s,vlan=0",
+            "switch,name=s,vlan=4095",
+            "switch,name=s,mac=1",
         ] {
             let e = bad.parse::<BackendSpec>().unwrap_err();
             assert!(
@@ -538,6 +635,8 @@ mod tests {
             "af-xdp,ifname=v,queue=2,mode=copy",
             "vf,pf=p,index=1",
             "vf,pf=p,index=1,vlan=42",
+            "switch,name=sw0",
+            "switch,name=sw0,vlan=10",
         ] {
             let spec: BackendSpec = s.parse().unwrap();
             assert_eq!(spec.to_string().parse::<BackendSpec>().unwrap(), spec);

@@ -100,8 +100,8 @@ mod tests {
     fn families_are_named_helped_and_labelled() {
         let s = Arc::new(SharedStats::default());
         let mut q = QueueStats::default();
-        q.count_rx(&[0xffu8; 60]);
-        q.count_rx(&[0x02u8; 200]);
+        q.count_rx(60, Some(&[0xff; 6]));
+        q.count_rx(200, Some(&[0x02; 6]));
         s.publish(&q);
         let table: Table = Arc::new(RwLock::new(vec![("vm0".into(), vec![(0, s)])]));
         let text = render(&table);

@@ -21,12 +21,14 @@ use serde_json::{json, Value};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use crate::dataplane::worker::{QpKey, QpRef, Slot, WorkerHandle};
-use crate::dataplane::QueuePair;
+use crate::dataplane::{QueuePair, RxHalf};
 use crate::frontend::{vduse, vhost_user};
 use crate::net;
 use crate::shutdown;
+use crate::switch::{Switch, SwitchPort, UplinkTask};
 pub use ports::{Kind, PortSpec};
 use rpc::RpcError;
+use vfrelay_backends::BackendSpec;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -64,6 +66,15 @@ struct Port {
     qps: Vec<QpRef>,
     /// Fds of `front` in the control epoll.
     watched: Vec<RawFd>,
+    /// The switch this port is a member of, and its member number.
+    member: Option<(Arc<Switch>, u16)>,
+}
+
+/// A switch of the daemon, and the worker receiving from its uplink.
+struct SwitchEntry {
+    sw: Arc<Switch>,
+    uplink: Option<BackendSpec>,
+    task: Option<(Arc<WorkerHandle>, u64)>,
 }
 
 const TOKEN_SHUTDOWN: u64 = 0;
@@ -75,6 +86,7 @@ const TOKEN_KIND: u64 = 0xff << 56;
 pub struct Daemon {
     workers: Vec<Arc<WorkerHandle>>,
     ports: Vec<Port>,
+    switches: Vec<SwitchEntry>,
     next_id: u64,
     epoll: Epoll,
     control: Option<rpc::ControlServer>,
@@ -130,6 +142,7 @@ impl Daemon {
         let mut d = Daemon {
             workers,
             ports: Vec::new(),
+            switches: Vec::new(),
             next_id: 1,
             epoll,
             control,
@@ -412,19 +425,52 @@ impl Daemon {
         }
         let mac = spec.mac.unwrap_or_else(net::random_mac);
         let cfg = spec.net_config(mac);
-        let backends = spec
-            .backend
-            .open_with_mac(cfg.queue_pairs, mac)
-            .map_err(|e| RpcError::failed(e.to_string()))?;
+        // A switch port: its first pair's RX ring is where other ports'
+        // senders deliver, and every pair's backend switches what it sends.
+        let mut member = None;
+        let backends = match &spec.backend {
+            BackendSpec::Switch { name, vlan } => {
+                let sw = self
+                    .switches
+                    .iter()
+                    .find(|e| e.sw.name == *name)
+                    .map(|e| e.sw.clone())
+                    .ok_or_else(|| {
+                        RpcError::failed(format!(
+                            "no switch named '{name}' (add it first: vfrelay switch add {name})"
+                        ))
+                    })?;
+                let vlan = vlan.unwrap_or(0);
+                let home = RxHalf::shared(format!("{}: rx of pair 0 (switch {name})", spec.name));
+                let m = sw
+                    .join(&spec.name, vlan, home.clone())
+                    .map_err(RpcError::failed)?;
+                let b: Vec<Box<dyn vfrelay_backends::Backend>> = (0..cfg.queue_pairs)
+                    .map(|q| {
+                        Box::new(SwitchPort::new(sw.clone(), m, vlan, q))
+                            as Box<dyn vfrelay_backends::Backend>
+                    })
+                    .collect();
+                member = Some((sw, m, home));
+                b
+            }
+            b => b
+                .open_with_mac(cfg.queue_pairs, mac)
+                .map_err(|e| RpcError::failed(e.to_string()))?,
+        };
         let id = self.next_id;
         self.next_id += 1;
         let mut qps = Vec::new();
         for (i, b) in backends.into_iter().enumerate() {
             let worker = self.pick_worker(&qps);
             let key = QpKey { port: id, index: i };
-            let slot = Box::new(Slot::new(key, QueuePair::new(i, b)));
+            let mut slot = Box::new(Slot::new(key, QueuePair::new(i, b)));
+            if let (0, Some((_, _, home))) = (i, &member) {
+                slot.attach_rx(home.clone());
+            }
             qps.push(QpRef::add(worker, slot));
         }
+        let member = member.map(|(sw, m, _)| (sw, m));
         let offloads = spec.backend.offload_features();
         let front = match &spec.kind {
             Kind::VhostUser { path, client } => {
@@ -470,9 +516,10 @@ impl Daemon {
         let front = match front {
             Ok(f) => f,
             Err(e) => {
-                for q in &qps {
-                    q.worker.remove(q.key);
+                if let Some((sw, m)) = &member {
+                    sw.leave(*m);
                 }
+                remove_qps(&qps);
                 return Err(RpcError::failed(e));
             }
         };
@@ -483,6 +530,7 @@ impl Daemon {
             front: Some(front),
             qps,
             watched: Vec::new(),
+            member,
         });
         let i = self.ports.len() - 1;
         if let Some(t) = &self.metrics {
@@ -514,14 +562,98 @@ impl Daemon {
                 .unwrap_or_else(|e| e.into_inner())
                 .retain(|(n, _)| n != name);
         }
-        // The queue pairs leave their workers (backends close) before the
-        // frontend's last resources go.
-        for q in &p.qps {
-            drop(q.worker.remove(q.key));
+        // Nobody sends to it any more; then the queue pairs leave their
+        // workers (backends close) before the frontend's last resources go.
+        if let Some((sw, m)) = p.member.take() {
+            sw.leave(m);
         }
+        remove_qps(&p.qps);
         p.front = None;
         info!("{name}: port deleted");
         Ok(())
+    }
+
+    pub fn add_switch(
+        &mut self,
+        name: &str,
+        uplink: Option<BackendSpec>,
+    ) -> Result<Value, RpcError> {
+        if !vfrelay_backends::valid_switch_name(name) {
+            return Err(RpcError::invalid_params(format!(
+                "'{name}' is not a valid switch name (letters, digits, '-', '_', '.')"
+            )));
+        }
+        if self.switches.iter().any(|e| e.sw.name == name) {
+            return Err(RpcError::failed(format!("switch '{name}' already exists")));
+        }
+        let backend = match &uplink {
+            Some(BackendSpec::Switch { .. }) => {
+                return Err(RpcError::invalid_params(
+                    "an uplink is a device backend (af-xdp, tap, vf, loopback), not a switch",
+                ))
+            }
+            Some(spec) => {
+                let mut b = spec
+                    .open(1)
+                    .map_err(|e| RpcError::failed(format!("uplink {spec}: {e}")))?;
+                Some((spec.to_string(), b.remove(0)))
+            }
+            None => None,
+        };
+        let sw = Switch::new(name, backend);
+        let task = if sw.has_uplink() {
+            let w = self.pick_worker(&[]);
+            let tid = self.next_id;
+            self.next_id += 1;
+            w.add_task(tid, Box::new(UplinkTask::new(sw.clone())));
+            Some((w, tid))
+        } else {
+            None
+        };
+        info!(
+            "switch {name} added{}",
+            uplink
+                .as_ref()
+                .map(|u| format!(" with uplink {u}"))
+                .unwrap_or_default()
+        );
+        self.switches.push(SwitchEntry { sw, uplink, task });
+        Ok(self.switch_json(self.switches.last().expect("just added")))
+    }
+
+    pub fn del_switch(&mut self, name: &str) -> Result<(), RpcError> {
+        let Some(i) = self.switches.iter().position(|e| e.sw.name == name) else {
+            return Err(RpcError::failed(format!("no switch named '{name}'")));
+        };
+        let users: Vec<&str> = self
+            .ports
+            .iter()
+            .filter(|p| p.member.as_ref().is_some_and(|(sw, _)| sw.name == name))
+            .map(|p| p.spec.name.as_str())
+            .collect();
+        if !users.is_empty() {
+            return Err(RpcError::failed(format!(
+                "switch '{name}' still has ports: {} (delete them first)",
+                users.join(", ")
+            )));
+        }
+        let e = self.switches.remove(i);
+        if let Some((w, tid)) = e.task {
+            drop(w.remove_task(tid));
+        }
+        info!("switch {name} deleted");
+        Ok(())
+    }
+
+    fn switch_json(&self, e: &SwitchEntry) -> Value {
+        let mut v = e.sw.json();
+        if let Some((w, _)) = &e.task {
+            v["uplink_worker"] = json!(w.id);
+        }
+        if let Some(u) = &e.uplink {
+            v["uplink_spec"] = json!(u.to_string());
+        }
+        v
     }
 
     fn port_json(&self, p: &Port) -> Value {
@@ -614,6 +746,16 @@ impl Daemon {
     }
 }
 
+/// Take queue pairs off their workers. A shared RX ring is stopped too: a
+/// sender still holding the old member list finds no ring to write to.
+fn remove_qps(qps: &[QpRef]) {
+    for q in qps {
+        if let Some(mut slot) = q.worker.remove(q.key) {
+            slot.with_rx(|s| s.reset());
+        }
+    }
+}
+
 impl rpc::Handler for Daemon {
     fn call(&mut self, method: &str, params: &Value) -> Result<Value, RpcError> {
         match method {
@@ -654,6 +796,25 @@ impl rpc::Handler for Daemon {
             )),
             "stats" => self.stats_json(rpc::param_str(params, "name")?),
             "worker_list" => Ok(self.workers_json()),
+            "switch_add" => {
+                let name = rpc::require(rpc::param_str(params, "name")?, "name")?.to_string();
+                let uplink = match rpc::param_str(params, "uplink")? {
+                    Some(u) => Some(
+                        ports::parse_backend(u)
+                            .map_err(|e| RpcError::invalid_params(format!("uplink: {e}")))?,
+                    ),
+                    None => None,
+                };
+                self.add_switch(&name, uplink)
+            }
+            "switch_del" => {
+                let name = rpc::require(rpc::param_str(params, "name")?, "name")?;
+                self.del_switch(name)?;
+                Ok(json!({}))
+            }
+            "switch_list" => Ok(Value::Array(
+                self.switches.iter().map(|e| self.switch_json(e)).collect(),
+            )),
             m => Err(RpcError::method_not_found(m)),
         }
     }

@@ -339,6 +339,11 @@ impl QueuePair {
         }
     }
 
+    /// The features last set.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
     pub fn sync_features(&mut self, features: u64) {
         if features != self.features {
             self.set_features(features);
@@ -372,9 +377,10 @@ impl QueuePair {
             &[&frame]
         };
         let backend = &mut self.backend;
-        match vfrelay_backends::Segs::of(parts, |s| backend.tx_frame(s))
-            .and_then(|_| self.backend.tx_flush())
-        {
+        // Flushed inside the borrow: a backend may copy only at the flush.
+        match vfrelay_backends::Segs::of(parts, |s| {
+            backend.tx_frame(s).and_then(|_| backend.tx_flush())
+        }) {
             Ok(()) => {}
             Err(e) => error!("{}: sending RARP: {e}", self.backend.describe()),
         }
@@ -575,6 +581,193 @@ impl QueuePair {
             }
         }
         changed
+    }
+}
+
+/// The RX ring of a queue pair that senders on any worker deliver into (a
+/// switch port's first pair), with everything delivering needs, behind one
+/// lock a sender takes once per batch. The Vring itself lives here while
+/// the pair is shared: its worker swaps it into the `Slot` around each
+/// control command ([`worker::Slot::with_rx`]), so commands read and change
+/// it as for any queue pair, with senders shut out meanwhile.
+pub struct RxHalf {
+    pub(crate) ctl: vring::Vring,
+    ring: RingSlot,
+    chain: Chain,
+    log_cache: LogCache,
+    mem: Arc<MemView>,
+    log: Option<Arc<DirtyLog>>,
+    features: u64,
+    hdr_len: usize,
+    name: String,
+    /// Guest RX kicks are switched off for the ring as it is now: senders
+    /// never wait for buffers, so a kick would only cost the guest.
+    kicks_off: bool,
+    stats: QueueStats,
+    shared: Arc<SharedStats>,
+}
+
+/// [`RxHalf`] as senders hold it.
+pub type SharedRx = Arc<std::sync::Mutex<RxHalf>>;
+
+impl RxHalf {
+    /// A shared RX ring, not running yet; `name` for logs.
+    pub fn shared(name: String) -> SharedRx {
+        Arc::new(std::sync::Mutex::new(RxHalf::new(
+            vring::Vring::new(0),
+            name,
+        )))
+    }
+
+    fn new(ctl: vring::Vring, name: String) -> Self {
+        RxHalf {
+            ctl,
+            ring: RingSlot::default(),
+            chain: Chain::default(),
+            log_cache: LogCache::default(),
+            mem: Arc::new(MemView::empty()),
+            log: None,
+            features: 0,
+            hdr_len: 12,
+            name,
+            kicks_off: false,
+            stats: QueueStats::default(),
+            shared: Arc::new(SharedStats::default()),
+        }
+    }
+
+    pub(crate) fn shared_stats(&self) -> Arc<SharedStats> {
+        self.shared.clone()
+    }
+
+    /// After a control command changed the queue pair: what it set, in
+    /// force for the next batch.
+    pub(crate) fn sync(&mut self, mem: &Arc<MemView>, log: Option<&Arc<DirtyLog>>, features: u64) {
+        self.mem = mem.clone();
+        self.log = log.cloned();
+        self.features = features;
+        self.hdr_len = if features & (VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF) != 0 {
+            12
+        } else {
+            10
+        };
+        if !self.ctl.active() {
+            // Stopped or reset: the next start is a fresh one (resume from
+            // the used ring, a new stop state), as `prepare` would see it.
+            self.ring = RingSlot::default();
+            self.kicks_off = false;
+        }
+    }
+
+    /// Lock `rx` for a batch of frames.
+    pub fn batch(rx: &std::sync::Mutex<RxHalf>) -> RxBatch<'_> {
+        let mut half = rx.lock().unwrap_or_else(|e| e.into_inner());
+        let h = &mut *half;
+        let ready =
+            match h
+                .ring
+                .prepare(&mut h.ctl, &h.mem, h.features, &h.name, &mut h.stats, false)
+            {
+                Some(r) => {
+                    if !h.kicks_off {
+                        r.disable_kicks();
+                        h.kicks_off = true;
+                    }
+                    true
+                }
+                None => false,
+            };
+        RxBatch {
+            half,
+            ready,
+            moved: false,
+        }
+    }
+}
+
+/// One destination's RX ring, locked for a batch: frames go in with
+/// [`Self::push`]; the used index is published, the guest interrupted and
+/// the counters published when it is dropped.
+pub struct RxBatch<'a> {
+    half: std::sync::MutexGuard<'a, RxHalf>,
+    ready: bool,
+    moved: bool,
+}
+
+impl RxBatch<'_> {
+    /// Copy one frame (Ethernet header onwards) into the guest's buffers.
+    /// A frame that finds no room, or no running ring, is dropped and
+    /// counted: a sender never waits for a receiver.
+    pub fn push(&mut self, frame: vfrelay_backends::Segs<'_>) -> bool {
+        let h = &mut *self.half;
+        self.moved = true;
+        if !self.ready {
+            h.stats.rx_dropped += 1;
+            h.stats.rx_dropped_no_ring += 1;
+            return false;
+        }
+        let mut dst = [0u8; 6];
+        let have = frame.peek(&mut dst);
+        let len = frame.len();
+        let ring = h.ring.ring.as_mut().expect("a prepared ring");
+        let zero = [0u8; vfrelay_backends::VNET_HDR_LEN];
+        let mrg = h.features & VIRTIO_NET_F_MRG_RXBUF != 0;
+        let log = h.log.as_deref().map(|l| (l, &mut h.log_cache));
+        match rx::deliver(
+            ring,
+            &h.mem,
+            &mut h.chain,
+            &zero[..h.hdr_len],
+            rx::Src::new(frame),
+            h.hdr_len,
+            mrg,
+            log,
+        ) {
+            Ok(rx::Delivery::Done) => {
+                h.stats.count_rx(len, (have == 6).then_some(&dst[..]));
+                true
+            }
+            Ok(rx::Delivery::NoRoom) => {
+                h.stats.rx_dropped += 1;
+                h.stats.rx_dropped_full += 1;
+                false
+            }
+            Ok(rx::Delivery::TooBig) => {
+                h.stats.rx_dropped += 1;
+                h.stats.rx_dropped_oversized += 1;
+                false
+            }
+            Err(e) => {
+                h.ring.fail(&mut h.ctl, &h.name, &e, &mut h.stats, false);
+                h.stats.rx_dropped += 1;
+                self.ready = false;
+                false
+            }
+        }
+    }
+}
+
+impl Drop for RxBatch<'_> {
+    fn drop(&mut self) {
+        if !self.moved {
+            return;
+        }
+        let RxHalf {
+            ring,
+            ctl,
+            log,
+            log_cache,
+            stats,
+            shared,
+            ..
+        } = &mut *self.half;
+        ring.finish(ctl, log.as_deref(), log_cache, stats);
+        if log.is_some() {
+            let (marked, beyond) = log_cache.take_marked();
+            stats.dirty_pages_logged += marked;
+            stats.dirty_pages_beyond_log += beyond;
+        }
+        shared.publish(stats);
     }
 }
 

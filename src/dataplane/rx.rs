@@ -1,7 +1,7 @@
 //! Guest RX: frames from the backend are written into guest buffers, with
 //! mergeable RX buffers when negotiated.
 
-use vfrelay_backends::{copy_frame, Backend, VNET_HDR_LEN};
+use vfrelay_backends::{copy_frame, Backend, Segs, VNET_HDR_LEN};
 
 use super::dirty_log::{DirtyLog, LogCache};
 use super::mem::MemView;
@@ -56,6 +56,82 @@ impl<'a> Cursor<'a> {
         let n = start - data.len();
         self.written += n;
         n
+    }
+
+    /// Copy as much of what is left of `src` as fits; returns bytes copied.
+    fn write_src(&mut self, src: &mut Src<'_>) -> usize {
+        let mut n = 0;
+        while src.left > 0 && self.seg < self.iov.len() {
+            let v = &self.iov[self.seg];
+            let s = &src.iov[src.seg];
+            let k = (v.iov_len - self.off).min(s.iov_len - src.off);
+            // SAFETY: both segments were checked where they were made (the
+            // destination by pop, the source by whoever made the Segs);
+            // each offset plus k stays inside its segment.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    (s.iov_base as *const u8).add(src.off),
+                    (v.iov_base as *mut u8).add(self.off),
+                    k,
+                )
+            };
+            self.off += k;
+            if self.off == v.iov_len {
+                self.seg += 1;
+                self.off = 0;
+            }
+            src.advance(k);
+            n += k;
+        }
+        self.written += n;
+        n
+    }
+}
+
+/// The bytes of a frame still to be written, across its source segments
+/// (a backend's buffer, or another guest's TX chain on a switch).
+pub struct Src<'a> {
+    iov: &'a [libc::iovec],
+    seg: usize,
+    off: usize,
+    left: usize,
+}
+
+impl<'a> Src<'a> {
+    pub fn new(segs: Segs<'a>) -> Self {
+        let iov: &'a [libc::iovec] = segs.into_iovecs();
+        let mut s = Src {
+            iov,
+            seg: 0,
+            off: 0,
+            left: iov.iter().map(|v| v.iov_len).sum(),
+        };
+        s.advance(0);
+        s
+    }
+
+    /// Bytes left.
+    pub fn len(&self) -> usize {
+        self.left
+    }
+
+    /// Step over `k` bytes (at most what is left of the current segment)
+    /// and over any empty segments after them.
+    fn advance(&mut self, k: usize) {
+        self.off += k;
+        self.left -= k;
+        while self.left > 0 && self.off == self.iov[self.seg].iov_len {
+            self.seg += 1;
+            self.off = 0;
+        }
+    }
+
+    /// The rest as one contiguous run, if it is one.
+    fn contiguous(&self) -> Option<*const u8> {
+        let v = self.iov.get(self.seg)?;
+        // SAFETY: off <= iov_len, inside the segment.
+        (v.iov_len - self.off == self.left)
+            .then(|| unsafe { (v.iov_base as *const u8).add(self.off) })
     }
 }
 
@@ -138,18 +214,24 @@ pub fn burst(
             (&zero_hdr[..], frame)
         };
         let logging = log.as_mut().map(|(l, c)| (*l, &mut **c));
+        let one = [libc::iovec {
+            iov_base: payload.as_ptr() as *mut libc::c_void,
+            iov_len: payload.len(),
+        }];
+        // SAFETY: `payload` is borrowed for the whole call.
+        let src = Src::new(unsafe { Segs::new(&one) });
         match deliver(
             ring,
             mem,
             chain,
             &hdr[..hdr_len.min(VNET_HDR_LEN)],
-            payload,
+            src,
             hdr_len,
             mrg,
             logging,
         ) {
             Ok(Delivery::Done) => {
-                stats.count_rx(payload);
+                stats.count_rx(payload.len(), payload.get(..6));
                 true
             }
             Ok(Delivery::TooBig) => {
@@ -181,7 +263,7 @@ pub fn burst(
     }
 }
 
-enum Delivery {
+pub enum Delivery {
     Done,
     /// Not enough guest buffers right now: keep the frame.
     NoRoom,
@@ -189,13 +271,14 @@ enum Delivery {
     TooBig,
 }
 
+/// Write one frame (`hdr`, then `data`) into the guest's RX buffers.
 #[allow(clippy::too_many_arguments)]
-fn deliver(
+pub fn deliver(
     ring: &mut SplitRing,
     mem: &MemView,
     chain: &mut Chain,
     hdr: &[u8],
-    payload: &[u8],
+    mut data: Src<'_>,
     hdr_len: usize,
     mrg: bool,
     mut log: Option<(&DirtyLog, &mut LogCache)>,
@@ -208,7 +291,7 @@ fn deliver(
         h[10..12].copy_from_slice(&1u16.to_le_bytes());
     }
     if !mrg {
-        let total = hdr_len + payload.len();
+        let total = hdr_len + data.len();
         let pending = ring.pending()?;
         if pending == 0 {
             return Ok(Delivery::NoRoom);
@@ -222,7 +305,7 @@ fn deliver(
         }
         let mut c = Cursor::new(chain.iov());
         c.write(&h[..hdr_len]);
-        c.write(payload);
+        c.write_src(&mut data);
         if let Some((l, cache)) = log {
             log_written(chain, total, l, cache);
         }
@@ -239,7 +322,6 @@ fn deliver(
     let mut num_buffers_at: [Option<(*mut u8, u64)>; 2] = [None; 2];
     let mut used = 0u16;
     let mut header_left: &[u8] = &h[..hdr_len];
-    let mut data = payload;
     // A chain error part way through a frame stops the queue; the chains
     // this frame already filled must not be published with it (a truncated
     // frame, num_buffers still 1).
@@ -247,7 +329,7 @@ fn deliver(
         ring.next_used = ring.next_used.wrapping_sub(used);
         Err(e)
     };
-    while used == 0 || !header_left.is_empty() || !data.is_empty() {
+    while used == 0 || !header_left.is_empty() || data.len() > 0 {
         let pending = match ring.pending() {
             Ok(p) => p,
             Err(e) => return abandon(ring, used, e),
@@ -263,29 +345,30 @@ fn deliver(
         if let Err(e) = ring.pop(mem, true, MAX_RX_CHAIN, chain) {
             return abandon(ring, used, e);
         }
-        let written = match chain.iov() {
-            // The whole rest fits the chain's one buffer (small frames in
-            // mergeable buffers): the header (unless already there) and
-            // the payload, no cursor.
-            [v] if v.iov_len >= header_left.len() + data.len() => {
+        let written = match (chain.iov(), data.contiguous()) {
+            // The whole rest fits the chain's one buffer and comes from one
+            // (small frames in mergeable buffers): the header (unless
+            // already there) and the payload, no cursor.
+            ([v], Some(from)) if v.iov_len >= header_left.len() + data.len() => {
                 let p = v.iov_base as *mut u8;
+                let n = data.len();
                 // SAFETY: both writes end within the segment, which was
-                // bounds-checked against guest memory by pop.
+                // bounds-checked against guest memory by pop; `from` has
+                // `n` readable bytes (Src).
                 unsafe {
                     write_unless_equal(p, header_left);
-                    copy_frame(data.as_ptr(), p.add(header_left.len()), data.len());
+                    copy_frame(from, p.add(header_left.len()), n);
                 }
-                let n = header_left.len() + data.len();
+                data.advance(n);
+                let n = header_left.len() + n;
                 header_left = &[];
-                data = &[];
                 n
             }
-            iov => {
+            (iov, _) => {
                 let mut c = Cursor::new(iov);
                 let k = c.write(header_left);
                 header_left = &header_left[k..];
-                let k = c.write(data);
-                data = &data[k..];
+                c.write_src(&mut data);
                 c.written
             }
         };

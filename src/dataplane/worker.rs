@@ -24,7 +24,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::dirty_log::DirtyLog;
 use super::mem::MemView;
 use super::vring::Vring;
-use super::{MissFn, QueuePair};
+use super::{MissFn, QueuePair, SharedRx};
 use crate::stats::SharedStats;
 
 /// A port as the dataplane knows it: a number the daemon hands out.
@@ -55,6 +55,10 @@ pub struct Slot {
     /// Asked for an address a ring found outside `mem`, before the ring is
     /// stopped for it (VDUSE: mappings the kernel adds without a request).
     pub miss: Option<MissFn>,
+    /// Where the RX ring really is when senders on other workers deliver
+    /// into it (a switch port); `rx` is then an idle placeholder outside
+    /// [`Self::with_rx`].
+    rx_home: Option<SharedRx>,
 }
 
 impl Slot {
@@ -67,7 +71,35 @@ impl Slot {
             mem: Arc::new(MemView::empty()),
             log: None,
             miss: None,
+            rx_home: None,
         }
+    }
+
+    /// Move the RX ring to `home`, where senders on any worker reach it (a
+    /// switch port's first pair). Its counters are added to the pair's.
+    pub fn attach_rx(&mut self, home: SharedRx) {
+        {
+            let mut h = home.lock().unwrap_or_else(|e| e.into_inner());
+            h.ctl.index = self.rx.index;
+            std::mem::swap(&mut self.rx, &mut h.ctl);
+            self.qp.shared.also_count(h.shared_stats());
+        }
+        self.rx_home = Some(home);
+    }
+
+    /// Run `f` with the real RX ring in `self.rx`: for a shared one, under
+    /// its lock, so no sender delivers while a command changes it, and
+    /// what the command set is in force for the next batch.
+    pub fn with_rx<R>(&mut self, f: impl FnOnce(&mut Slot) -> R) -> R {
+        let Some(home) = self.rx_home.clone() else {
+            return f(self);
+        };
+        let mut h = home.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::swap(&mut self.rx, &mut h.ctl);
+        let r = f(self);
+        std::mem::swap(&mut self.rx, &mut h.ctl);
+        h.sync(&self.mem, self.log.as_ref(), self.qp.features());
+        r
     }
 
     /// The front end went away or reset the device: rings, memory and log
@@ -140,11 +172,26 @@ impl Slot {
 /// A closure the worker runs on one of its queue pairs between bursts.
 pub type ApplyFn = Box<dyn FnOnce(&mut Slot) + Send>;
 
+/// Work a worker runs beside its queue pairs that is not a queue pair: a
+/// switch's uplink, whose received frames go to the switch's ports.
+pub trait Task: Send {
+    /// Move what is waiting (a bounded amount); frames moved.
+    fn round(&mut self) -> usize;
+    /// Readable when there is work, watched edge-triggered in event mode
+    /// (so `round` is called until it returns 0).
+    fn poll_fd(&self) -> Option<RawFd>;
+    /// Once a second: publish counters that cost a syscall to read.
+    fn publish_stats(&mut self) {}
+}
+
 pub enum Cmd {
     Add(Box<Slot>),
     /// Take the queue pair out; it is sent back.
     Remove(QpKey, Sender<Box<Slot>>),
     Apply(QpKey, ApplyFn),
+    AddTask(u64, Box<dyn Task>),
+    /// Take the task out; it is sent back.
+    RemoveTask(u64, Sender<Box<dyn Task>>),
     Stop,
 }
 
@@ -174,6 +221,7 @@ impl WorkerHandle {
             busy_ppm: busy_ppm.clone(),
             epoll: Epoll::new()?,
             entries: Vec::new(),
+            tasks: Vec::new(),
             next_uid: 0,
             any_active: false,
         };
@@ -234,6 +282,17 @@ impl WorkerHandle {
         rx.recv().ok()
     }
 
+    /// Run `task` (named `id`) on this worker until [`Self::remove_task`].
+    pub fn add_task(&self, id: u64, task: Box<dyn Task>) {
+        self.send(Cmd::AddTask(id, task));
+    }
+
+    pub fn remove_task(&self, id: u64) -> Option<Box<dyn Task>> {
+        let (tx, rx) = channel::bounded(1);
+        self.send(Cmd::RemoveTask(id, tx));
+        rx.recv().ok()
+    }
+
     pub fn busy(&self) -> f64 {
         self.busy_ppm.load(Ordering::Relaxed) as f64 / 1e6
     }
@@ -276,6 +335,15 @@ struct Entry {
     kicks_off: bool,
 }
 
+/// A task inside a worker.
+struct TaskEntry {
+    id: u64,
+    uid: u64,
+    task: Box<dyn Task>,
+    registered: Option<RawFd>,
+    ready: bool,
+}
+
 const WAKE_TOKEN: u64 = u64::MAX;
 const KIND_BITS: u64 = 2;
 const RX_KICK: u64 = 0;
@@ -290,8 +358,10 @@ struct Worker {
     busy_ppm: Arc<AtomicU64>,
     epoll: Epoll,
     entries: Vec<Entry>,
+    tasks: Vec<TaskEntry>,
     next_uid: u64,
-    /// Some queue pair has a running ring (recomputed after commands).
+    /// Some queue pair has a running ring, or there is a task
+    /// (recomputed after commands).
     any_active: bool,
 }
 
@@ -323,7 +393,8 @@ impl Worker {
                 self.poll_round()
             } else {
                 // `ready` means work only to an event-mode worker.
-                let any_ready = !self.poll && self.entries.iter().any(|e| e.ready);
+                let any_ready = !self.poll
+                    && (self.entries.iter().any(|e| e.ready) || self.tasks.iter().any(|t| t.ready));
                 let timeout = if any_ready { 0 } else { 1000 };
                 let n = match self.epoll.wait(timeout, &mut events) {
                     Ok(n) => n,
@@ -359,6 +430,9 @@ impl Worker {
                 for e in &mut self.entries {
                     e.slot.qp.publish_stats();
                 }
+                for t in &mut self.tasks {
+                    t.task.publish_stats();
+                }
             }
         }
     }
@@ -372,6 +446,9 @@ impl Worker {
             }
             moved += e.slot.round();
         }
+        for t in &mut self.tasks {
+            moved += t.task.round();
+        }
         moved
     }
 
@@ -384,6 +461,25 @@ impl Worker {
                 e.ready = more;
             }
         }
+        for t in &mut self.tasks {
+            if t.ready {
+                let mut n = 0;
+                t.ready = false;
+                for _ in 0..SERVICE_ROUNDS {
+                    let k = t.task.round();
+                    n += k;
+                    if k == 0 {
+                        break;
+                    }
+                    // Not drained yet: edge-triggered, so come back.
+                    t.ready = true;
+                }
+                if n == 0 {
+                    t.ready = false;
+                }
+                moved += n;
+            }
+        }
         moved
     }
 
@@ -394,6 +490,9 @@ impl Worker {
         }
         let uid = token >> KIND_BITS;
         let Some(e) = self.entries.iter_mut().find(|e| e.uid == uid) else {
+            if let Some(t) = self.tasks.iter_mut().find(|t| t.uid == uid) {
+                t.ready = true;
+            }
             return;
         };
         let kick = match token & ((1 << KIND_BITS) - 1) {
@@ -442,14 +541,50 @@ impl Worker {
                     // closure may close them, and a number reused by a new
                     // fd must not inherit (or lose) a registration.
                     unregister(&self.epoll, e);
-                    f(&mut e.slot);
+                    e.slot.with_rx(f);
                     e.kicks_off = false;
                     e.ready = true;
                     register(&self.epoll, self.poll, self.id, e);
                 }
+                Cmd::AddTask(id, task) => {
+                    let uid = self.next_uid;
+                    self.next_uid += 1;
+                    let mut t = TaskEntry {
+                        id,
+                        uid,
+                        task,
+                        registered: None,
+                        ready: true,
+                    };
+                    if !self.poll {
+                        if let Some(fd) = t.task.poll_fd() {
+                            let ev = EpollEvent::new(
+                                EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+                                (uid << KIND_BITS) | BACKEND,
+                            );
+                            match self.epoll.ctl(ControlOperation::Add, fd, ev) {
+                                Ok(()) => t.registered = Some(fd),
+                                Err(err) => error!("worker {}: watching fd {fd}: {err}", self.id),
+                            }
+                        }
+                    }
+                    self.tasks.push(t);
+                }
+                Cmd::RemoveTask(id, back) => {
+                    if let Some(pos) = self.tasks.iter().position(|t| t.id == id) {
+                        let t = self.tasks.swap_remove(pos);
+                        if let Some(fd) = t.registered {
+                            let _ =
+                                self.epoll
+                                    .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                        }
+                        let _ = back.send(t.task);
+                    }
+                }
                 Cmd::Stop => return false,
             }
-            self.any_active = self.entries.iter().any(|e| e.slot.active());
+            self.any_active =
+                !self.tasks.is_empty() || self.entries.iter().any(|e| e.slot.active());
         }
         true
     }
