@@ -19,6 +19,8 @@
  *   bad_size bad_magic bad_len bad_crc bad_content out_of_range
  *   uptime_ms last_valid_ms last_bad (description of the last corrupt one)
  *
+ * With -s it sends that stream instead (guest to guest, tests/guest_switch.rs).
+ *
  * Built `gcc -static -O2` by scripts/build-guest.sh into /bin/udpcheck.
  * It must never crash on bad input: every length is checked before use.
  */
@@ -209,28 +211,72 @@ static void on_signal(int sig)
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: udpcheck [-p PORT] [-o STATS_FILE] [-i INTERVAL_MS] [-b RCVBUF]\n");
+    fprintf(stderr, "usage: udpcheck [-p PORT] [-o STATS_FILE] [-i INTERVAL_MS] [-b RCVBUF]\n"
+                    "       udpcheck -s DST_IP [-p PORT] -n COUNT   (send, from another guest)\n");
     exit(2);
+}
+
+static void put32(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+/* The sender's side, what udpsend.py sends, for guest-to-guest streams:
+ * seqs 0..count-1, paced (a burst of 8, then 2 ms) so that no queue on the
+ * way overflows on an emulated guest. Prints "sent N". */
+static int send_stream(const char *ip, int port, long count)
+{
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    if (fd < 0 || inet_pton(AF_INET, ip, &sa.sin_addr) != 1) {
+        fprintf(stderr, "udpcheck: bad address %s\n", ip);
+        return 2;
+    }
+    static uint8_t buf[MAX_LEN];
+    long sent = 0;
+    for (long seq = 0; seq < count; seq++) {
+        uint32_t len = expect_len((uint64_t)seq);
+        put32(buf, MAGIC);
+        put32(buf + 4, len);
+        put32(buf + 8, (uint32_t)seq);
+        put32(buf + 12, (uint32_t)((uint64_t)seq >> 32));
+        uint64_t off = (uint64_t)seq * 131;
+        for (size_t i = HDR; i < len - TRAILER; i++)
+            buf[i] = pattern[(off + (i - HDR)) & (PATTERN_SIZE - 1)];
+        put32(buf + len - TRAILER, crc32(buf, len - TRAILER));
+        if (sendto(fd, buf, len, 0, (struct sockaddr *)&sa, sizeof sa) == (ssize_t)len)
+            sent++;
+        if (seq % 8 == 7)
+            usleep(2000);
+    }
+    printf("sent %ld\n", sent);
+    return 0;
 }
 
 int main(int argc, char **argv)
 {
     int port = 5555, interval = 200, rcvbuf = 4 << 20, opt;
-    const char *out = "/tmp/udpcheck.stats";
-    while ((opt = getopt(argc, argv, "p:o:i:b:")) != -1) {
+    const char *out = "/tmp/udpcheck.stats", *dst = NULL;
+    long count = -1;
+    while ((opt = getopt(argc, argv, "p:o:i:b:s:n:")) != -1) {
         switch (opt) {
         case 'p': port = atoi(optarg); break;
         case 'o': out = optarg; break;
         case 'i': interval = atoi(optarg); break;
         case 'b': rcvbuf = atoi(optarg); break;
+        case 's': dst = optarg; break;
+        case 'n': count = atol(optarg); break;
         default: usage();
         }
     }
-    if (port <= 0 || port > 65535 || interval <= 0)
+    if (port <= 0 || port > 65535 || interval <= 0 || (dst && count < 0))
         usage();
 
     init_pattern();
     init_crc();
+    if (dst)
+        return send_stream(dst, port, count);
     seen = calloc(SEQ_LIMIT / 8, 1);
     if (!seen) {
         perror("udpcheck: calloc");
