@@ -250,3 +250,67 @@ fn two_testpmd_ports_on_a_switch() {
 fn eight_testpmd_ports_on_a_switch() {
     switch_with_testpmd_ports(8);
 }
+
+#[test]
+#[ignore = "starts a vfrelay daemon"]
+fn the_state_file_brings_switches_back_before_their_ports() {
+    let dir = TempDir::new();
+    let control = dir.join("control.sock");
+    let state = dir.join("state.json");
+    let args = ["--workers", "0", "--state", state.to_str().unwrap()];
+    let mut d = Vfrelay::daemon(&control, &args);
+    d.ctl_ok(&["switch", "add", "sw1", "--uplink", "loopback"]);
+    d.ctl_ok(&["switch", "add", "sw0"]);
+    let sock = dir.join("p.sock");
+    d.ctl_ok(&[
+        "port",
+        "add",
+        "p",
+        "--vhost-user",
+        sock.to_str().unwrap(),
+        "--backend",
+        "switch,name=sw0,vlan=7",
+    ]);
+    let names = |d: &Vfrelay| -> Vec<(String, String)> {
+        d.ctl_list(&["switch", "list", "--json"], "switches")
+            .iter()
+            .map(|s| {
+                (
+                    s["name"].as_str().unwrap_or("").to_string(),
+                    s["uplink_spec"].as_str().unwrap_or("-").to_string(),
+                )
+            })
+            .collect()
+    };
+    let before = names(&d);
+    assert_eq!(
+        before,
+        [
+            ("sw1".into(), "loopback".into()),
+            ("sw0".into(), "-".into())
+        ]
+    );
+    d.kill();
+    let d = Vfrelay::daemon(&control, &args);
+    assert!(
+        wait_until(secs(10), || d.ctl(&["port", "list"]).0 == 0),
+        "restarted daemon does not answer\n{}",
+        d.log_text()
+    );
+    assert_eq!(names(&d), before, "switches after the restart");
+    let ports = d.ctl_list(&["port", "list", "--json"], "ports");
+    assert_eq!(ports.len(), 1, "{ports:?}\n{}", d.log_text());
+    assert_eq!(ports[0]["backend"], "switch,name=sw0,vlan=7");
+    let sw = d.ctl_list(&["switch", "list", "--json"], "switches");
+    let members: Vec<&serde_json::Value> = sw
+        .iter()
+        .flat_map(|s| s["ports"].as_array().unwrap().iter())
+        .collect();
+    assert_eq!(members.len(), 1, "{sw:?}");
+    assert_eq!(
+        (members[0]["name"].as_str(), members[0]["vlan"].as_u64()),
+        (Some("p"), Some(7))
+    );
+    let (st, log) = d.stop();
+    assert!(st.is_some_and(|s| s.success()), "daemon exit {st:?}\n{log}");
+}

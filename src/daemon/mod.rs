@@ -193,10 +193,23 @@ impl Daemon {
         }
     }
 
-    /// Rebuild the ports saved in the state file. One that fails is logged
-    /// and remembered; the others come up regardless.
-    fn restore(&mut self, saved: Vec<Value>) {
-        for params in saved {
+    /// Rebuild the switches and ports saved in the state file. A port that
+    /// fails is logged and remembered; the others come up regardless. A
+    /// switch that fails (its uplink device gone) is logged and dropped
+    /// from the file; its ports then fail and are remembered.
+    fn restore(&mut self, saved: state::Saved) {
+        for params in saved.switches {
+            let name = params["name"].as_str().unwrap_or("?").to_string();
+            let added = self.switch_add_params(&params);
+            match added {
+                Ok(_) => info!("switch {name}: restored from the state file"),
+                Err(e) => error!(
+                    "switch {name}: not restored from the state file: {}",
+                    e.message
+                ),
+            }
+        }
+        for params in saved.ports {
             let name = params["name"].as_str().unwrap_or("?").to_string();
             match PortSpec::from_params(&params).and_then(|s| self.add_port(s)) {
                 Ok(_) => info!("{name}: port restored from the state file"),
@@ -217,6 +230,17 @@ impl Daemon {
         let Some(file) = &self.state else {
             return Ok(());
         };
+        let switches: Vec<Value> = self
+            .switches
+            .iter()
+            .map(|e| {
+                let mut v = json!({ "name": e.sw.name });
+                if let Some(u) = &e.uplink {
+                    v["uplink"] = json!(u.to_string());
+                }
+                v
+            })
+            .collect();
         let ports: Vec<Value> = self
             .ports
             .iter()
@@ -228,7 +252,7 @@ impl Daemon {
             })
             .chain(self.unrestored.iter().map(|(_, v, _)| v.clone()))
             .collect();
-        file.save(&ports)
+        file.save(&switches, &ports)
     }
 
     /// After a change by RPC: the state file follows, or the caller hears
@@ -621,6 +645,19 @@ impl Daemon {
         Ok(self.switch_json(self.switches.last().expect("just added")))
     }
 
+    /// `switch_add` from its params (RPC, state file).
+    fn switch_add_params(&mut self, params: &Value) -> Result<Value, RpcError> {
+        let name = rpc::require(rpc::param_str(params, "name")?, "name")?.to_string();
+        let uplink = match rpc::param_str(params, "uplink")? {
+            Some(u) => Some(
+                ports::parse_backend(u)
+                    .map_err(|e| RpcError::invalid_params(format!("uplink: {e}")))?,
+            ),
+            None => None,
+        };
+        self.add_switch(&name, uplink)
+    }
+
     pub fn del_switch(&mut self, name: &str) -> Result<(), RpcError> {
         let Some(i) = self.switches.iter().position(|e| e.sw.name == name) else {
             return Err(RpcError::failed(format!("no switch named '{name}'")));
@@ -797,19 +834,19 @@ impl rpc::Handler for Daemon {
             "stats" => self.stats_json(rpc::param_str(params, "name")?),
             "worker_list" => Ok(self.workers_json()),
             "switch_add" => {
-                let name = rpc::require(rpc::param_str(params, "name")?, "name")?.to_string();
-                let uplink = match rpc::param_str(params, "uplink")? {
-                    Some(u) => Some(
-                        ports::parse_backend(u)
-                            .map_err(|e| RpcError::invalid_params(format!("uplink: {e}")))?,
-                    ),
-                    None => None,
-                };
-                self.add_switch(&name, uplink)
+                let added = self.switch_add_params(params)?;
+                if let Err(e) = self.persist() {
+                    let name = added["name"].as_str().unwrap_or("").to_string();
+                    self.del_switch(&name).ok();
+                    return Err(RpcError::failed(format!("switch '{name}' not added: {e}")));
+                }
+                Ok(added)
             }
             "switch_del" => {
                 let name = rpc::require(rpc::param_str(params, "name")?, "name")?;
                 self.del_switch(name)?;
+                self.persist()
+                    .map_err(|e| RpcError::failed(format!("switch '{name}' deleted, but {e}")))?;
                 Ok(json!({}))
             }
             "switch_list" => Ok(Value::Array(

@@ -1,9 +1,10 @@
 //! `--state FILE`: the port table on disk, so that a daemon restarted by
 //! its supervisor (or after a crash) brings every port back by itself.
 //!
-//! The file holds each port as its `port_add` params, in the order the
-//! ports were added, with the MAC the daemon picked filled in (a guest, and
-//! the network, see the same address after the restart). It is replaced
+//! The file holds each switch as its `switch_add` params and each port as
+//! its `port_add` params, in the order they were added, with the MAC the
+//! daemon picked filled in (a guest, and the network, see the same address
+//! after the restart). Switches come back before ports, which may join them. It is replaced
 //! atomically (write a temporary file, fsync, rename, fsync the directory),
 //! so a crash at any point leaves either the old table or the new one.
 
@@ -21,6 +22,13 @@ pub struct StateFile {
     path: PathBuf,
 }
 
+/// What the file holds: `switch_add` and `port_add` params.
+#[derive(Debug, Default, PartialEq)]
+pub struct Saved {
+    pub switches: Vec<Value>,
+    pub ports: Vec<Value>,
+}
+
 impl StateFile {
     pub fn new(path: PathBuf) -> StateFile {
         StateFile { path }
@@ -33,11 +41,11 @@ impl StateFile {
     /// The ports saved, as `port_add` params; none if the file does not
     /// exist yet (first start). A file that cannot be read or understood is
     /// an error: it is left as it is for the operator, never overwritten.
-    pub fn load(&self) -> Result<Vec<Value>, String> {
+    pub fn load(&self) -> Result<Saved, String> {
         let what = |e: &dyn std::fmt::Display| format!("state file {}: {e}", self.path.display());
         let text = match fs::read_to_string(&self.path) {
             Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Saved::default()),
             Err(e) => return Err(what(&e)),
         };
         let doc: Value = serde_json::from_str(&text).map_err(|e| what(&e))?;
@@ -53,12 +61,22 @@ impl StateFile {
         if let Some(p) = ports.iter().find(|p| !p.is_object()) {
             return Err(what(&format!("a port is not an object: {p}")));
         }
-        Ok(ports.clone())
+        // Absent in files written before switches existed.
+        let switches = match doc.get("switches") {
+            None => Vec::new(),
+            Some(Value::Array(v)) if v.iter().all(Value::is_object) => v.clone(),
+            Some(v) => return Err(what(&format!("\"switches\" is not a list of objects: {v}"))),
+        };
+        Ok(Saved {
+            switches,
+            ports: ports.clone(),
+        })
     }
 
-    /// Replace the file with `ports` (each `port_add` params).
-    pub fn save(&self, ports: &[Value]) -> io::Result<()> {
-        let doc = json!({ "version": VERSION, "ports": ports });
+    /// Replace the file with `switches` and `ports` (`switch_add` and
+    /// `port_add` params).
+    pub fn save(&self, switches: &[Value], ports: &[Value]) -> io::Result<()> {
+        let doc = json!({ "version": VERSION, "switches": switches, "ports": ports });
         let mut text = serde_json::to_string_pretty(&doc).map_err(io::Error::other)?;
         text.push('\n');
         let mut tmp_name = self.path.as_os_str().to_owned();
@@ -116,21 +134,25 @@ mod tests {
     fn missing_file_is_an_empty_table_and_saves_round_trip() {
         let d = temp_dir();
         let s = StateFile::new(d.join("ports.json"));
-        assert_eq!(s.load().unwrap(), Vec::<Value>::new());
+        assert_eq!(s.load().unwrap(), Saved::default());
         let ports = vec![
             json!({"name": "a", "vhost_user": "/x.sock"}),
             json!({"name": "b"}),
         ];
-        s.save(&ports).unwrap();
-        assert_eq!(s.load().unwrap(), ports);
+        let switches = vec![json!({"name": "sw0", "uplink": "tap,ifname=u0"})];
+        s.save(&switches, &ports).unwrap();
+        assert_eq!(s.load().unwrap(), Saved { switches, ports });
+        // A file from before switches: its ports.
+        fs::write(s.path(), "{\"version\": 1, \"ports\": [{\"name\": \"a\"}]}").unwrap();
+        assert_eq!(s.load().unwrap().ports, vec![json!({"name": "a"})]);
         let mode = fs::metadata(s.path()).unwrap().permissions();
         assert_eq!(
             std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
             0o600
         );
         assert!(!d.join("ports.json.tmp").exists(), "temporary file left");
-        s.save(&[]).unwrap();
-        assert_eq!(s.load().unwrap(), Vec::<Value>::new());
+        s.save(&[], &[]).unwrap();
+        assert_eq!(s.load().unwrap(), Saved::default());
         fs::remove_dir_all(&d).unwrap();
     }
 
@@ -145,6 +167,10 @@ mod tests {
             ("{\"version\": 99, \"ports\": []}", "version 99"),
             ("{\"version\": 1}", "ports"),
             ("{\"version\": 1, \"ports\": [1]}", "not an object"),
+            (
+                "{\"version\": 1, \"ports\": [], \"switches\": 1}",
+                "switches",
+            ),
         ] {
             fs::write(&p, text).unwrap();
             let e = s.load().unwrap_err();
