@@ -43,6 +43,8 @@ const FLOOD: u16 = u16::MAX - 1;
 const DROP: u16 = u16::MAX - 2;
 /// Member numbers stay below the verdicts.
 const MAX_MEMBERS: usize = DROP as usize;
+// A burst's frames are tracked as bits of a u64 (`flush_burst`).
+const _: () = assert!(BURST <= 64);
 
 const ETH_HLEN: usize = 14;
 const TPID_8021Q: [u8; 2] = [0x81, 0x00];
