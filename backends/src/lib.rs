@@ -113,15 +113,11 @@ impl<'a> Segs<'a> {
         self.0
     }
 
-    /// Total bytes.
+    /// Total bytes. (Not `len`: through Deref that is the number of
+    /// segments, which backends pass to writev.)
     #[inline]
-    pub fn len(&self) -> usize {
+    pub fn bytes(&self) -> usize {
         self.0.iter().map(|v| v.iov_len).sum()
-    }
-
-    #[inline]
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Copy the first `out.len()` bytes (or fewer, if the frame is
@@ -532,6 +528,18 @@ mod tests {
                 "size {n}: wrote past"
             );
         }
+    }
+
+    #[test]
+    fn segs_count_segments_and_bytes_apart() {
+        Segs::of(&[&[1u8; 3], &[], &[2u8; 2000]], |s| {
+            // writev and UIO_MAXIOV checks take the count.
+            assert_eq!(s.len(), 3);
+            assert_eq!(s.bytes(), 2003);
+            let mut h = [0u8; 5];
+            assert_eq!(s.peek(&mut h), 5);
+            assert_eq!(h, [1, 1, 1, 2, 2]);
+        });
     }
 
     #[test]

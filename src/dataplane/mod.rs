@@ -708,7 +708,7 @@ impl RxBatch<'_> {
         }
         let mut dst = [0u8; 6];
         let have = frame.peek(&mut dst);
-        let len = frame.len();
+        let len = frame.bytes();
         let ring = h.ring.ring.as_mut().expect("a prepared ring");
         let zero = [0u8; vfrelay_backends::VNET_HDR_LEN];
         let mrg = h.features & VIRTIO_NET_F_MRG_RXBUF != 0;

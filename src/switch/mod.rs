@@ -367,6 +367,8 @@ impl SwitchPort {
 
     /// Decide where each frame goes, learning source addresses.
     fn classify(&mut self, now: u32) {
+        // A burst usually goes to one MAC: looked up once.
+        let mut last: Option<([u8; 6], u16)> = None;
         for i in 0..self.frames.len() {
             let f = self.frames[i];
             let mut h = [0u8; ETH_HLEN + 4];
@@ -385,12 +387,16 @@ impl SwitchPort {
                     }
                     if is_group(&dst) {
                         FLOOD
+                    } else if let Some((_, d)) = last.filter(|(m, _)| *m == dst) {
+                        d
                     } else {
-                        match self.sw.table.lookup(self.vlan, &dst, now) {
+                        let d = match self.sw.table.lookup(self.vlan, &dst, now) {
                             Some(p) if p == self.me => DROP,
                             Some(p) => p,
                             None => FLOOD,
-                        }
+                        };
+                        last = Some((dst, d));
+                        d
                     }
                 }
             };
@@ -497,7 +503,7 @@ impl Backend for SwitchPort {
             // Earlier frames are still readable: their flush has not come.
             self.flush_burst();
         }
-        let len = segs.len();
+        let len = segs.bytes();
         let iov = segs.into_iovecs();
         self.frames.push(Frame {
             start: self.iovs.len() as u32,
