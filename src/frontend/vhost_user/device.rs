@@ -182,7 +182,9 @@ impl Device {
             let got = q.apply(|s| {
                 s.qp.publish_stats();
                 s.reset();
-                s.qp.stats
+                // The published copy: it also holds what other workers
+                // counted for this pair (a switch port's RX).
+                s.qp.shared.snapshot()
             });
             if let Some(st) = got {
                 info!(
