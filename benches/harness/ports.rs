@@ -114,13 +114,13 @@ fn groups(socks: &[PathBuf]) -> Vec<&[PathBuf]> {
 /// mbufs of a front end with `ports` ports: per port its RX ring (filled),
 /// its TX ring (freed lazily) and the injected frames, plus slack for the
 /// per-lcore caches.
-fn frontend_mbufs(ports: usize) -> u32 {
+pub(super) fn frontend_mbufs(ports: usize) -> u32 {
     ports as u32 * (2 * RING + BURSTS * 32) + 8192
 }
 
 /// Hugepage memory (MiB) of such a front end: ~2.5 KiB per mbuf, 128 MiB
 /// for everything else, in 64 MiB steps.
-fn frontend_mem_mb(ports: usize) -> u32 {
+pub(super) fn frontend_mem_mb(ports: usize) -> u32 {
     let mb = frontend_mbufs(ports) as u64 * 2560 / (1 << 20) + 128;
     (mb.div_ceil(64) * 64) as u32
 }
@@ -174,7 +174,7 @@ fn dpdk_backend(socks: &[PathBuf]) -> Testpmd {
 
 /// A daemon on `control`, pinned to core 0 (like the single-port runs);
 /// `--workers 0` puts its one worker there too.
-fn daemon(cfg: &Config, control: &Path, poll: bool) -> Vfrelay {
+pub(super) fn daemon(cfg: &Config, control: &Path, poll: bool) -> Vfrelay {
     let c = control.to_str().unwrap();
     let mut args = vec!["daemon", "--control", c, "--workers", "0"];
     if poll {
@@ -182,6 +182,17 @@ fn daemon(cfg: &Config, control: &Path, poll: bool) -> Vfrelay {
     }
     let mut v = Vfrelay::spawn_with(None, &cfg.vfrelay, &args, &[("RUST_LOG", "info")]);
     v.wait_for_socket(control, Duration::from_secs(10));
+    // The file appears at bind(), a moment before listen(): ready is when
+    // a connect works (as tests/common's Vfrelay::daemon waits).
+    let ok = wait_until(Duration::from_secs(10), || {
+        std::os::unix::net::UnixStream::connect(control).is_ok() || !v.is_running()
+    });
+    assert!(
+        ok && v.is_running(),
+        "daemon not accepting on {}\n{}",
+        control.display(),
+        v.log_text()
+    );
     pin(v.pid(), 0);
     v
 }
@@ -210,7 +221,7 @@ fn connected(control: &Path) -> usize {
 }
 
 /// Waits (up to 15 s) for `n` connected ports; returns how many are.
-fn wait_connected(control: &Path, n: usize) -> usize {
+pub(super) fn wait_connected(control: &Path, n: usize) -> usize {
     let mut c = 0;
     wait_until(Duration::from_secs(15), || {
         c = connected(control);
