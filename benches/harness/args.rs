@@ -35,7 +35,7 @@ pub struct Args {
     #[arg(long, value_name = "S", value_parser = positive_secs)]
     pub secs: Option<f64>,
     /// Frame sizes on the wire, FCS included [default: 64,256,512,1024,1518;
-    /// smoke 64,1518].
+    /// vm2vm and smoke 64,1518].
     // 64..=1518: testpmd is given size - 4, and every link in the harness
     // has the default 1500-byte MTU.
     #[arg(
@@ -52,6 +52,16 @@ pub struct Args {
     /// Port counts of the ports scenario [default: 1,4,16,64; smoke 1,4].
     #[arg(long, value_name = "1,4,16,64", value_delimiter = ',', action = clap::ArgAction::Set, value_parser = at_least_one)]
     pub ports: Option<Vec<usize>>,
+    /// Pair counts of the vm2vm scenario, 2 ports a pair [default: 1,4].
+    // One front end holds them all: RTE_MAX_ETHPORTS=32 is 16 pairs.
+    #[arg(
+        long,
+        value_name = "1,4",
+        value_delimiter = ',',
+        action = clap::ArgAction::Set,
+        value_parser = RangedU64ValueParser::<usize>::new().range(1..=16)
+    )]
+    pub pairs: Option<Vec<usize>>,
     /// Only this direction of the af-xdp and tap scenarios (repeatable;
     /// default: both).
     #[arg(long = "dir", value_name = "DIR")]
@@ -77,6 +87,7 @@ pub enum Scenario {
     Tap,
     Idle,
     Ports,
+    Vm2vm,
 }
 
 /// A direction of the af-xdp and tap scenarios, spelled as `Config::dirs`
@@ -138,6 +149,7 @@ impl Args {
             cfg.secs = s;
         }
         if let Some(s) = self.sizes {
+            cfg.vm2vm_sizes = s.clone();
             cfg.sizes = s;
         }
         if let Some(q) = self.queues {
@@ -145,6 +157,9 @@ impl Args {
         }
         if let Some(p) = self.ports {
             cfg.ports = p;
+        }
+        if let Some(p) = self.pairs {
+            cfg.vm2vm_pairs = p;
         }
         cfg
     }
@@ -182,10 +197,11 @@ mod tests {
             "--sizes <64,1518>",
             "--queues <1,2>",
             "--ports <1,4,16,64>",
+            "--pairs <1,4>",
             "--dir <DIR>",
             "--vfrelay <PATH>",
             "--out <DIR>",
-            "loopback, af-xdp, tap, idle, ports",
+            "loopback, af-xdp, tap, idle, ports, vm2vm",
             "guest-to-wire, wire-to-guest",
         ] {
             assert!(help.contains(opt), "--help does not show {opt:?}:\n{help}");
@@ -205,6 +221,9 @@ mod tests {
             (&["--reps", "0"], "0"),
             (&["--secs", "-1"], "-1"),
             (&["--queues", "1,0"], "0"),
+            (&["--pairs", "0"], "0"),
+            (&["--pairs", "1,17"], "17"),
+            (&["--only", "vm-to-vm"], "vm-to-vm"),
             (&["--frobnicate"], "--frobnicate"),
             (&["loopback"], "loopback"),
         ] {
@@ -251,12 +270,40 @@ mod tests {
         assert_eq!(c.dirs, ["wire-to-guest"]);
         assert_eq!((c.reps, c.secs), (3, 0.5));
         assert_eq!(c.sizes, [64, 1518]);
+        assert_eq!(c.vm2vm_sizes, [64, 1518]);
         assert_eq!(c.loopback_queues, [2]);
         assert_eq!(c.ports, [1, 4, 16]);
         assert_eq!(c.vfrelay, PathBuf::from("/tmp/parent/vfrelay"));
         assert_eq!(c.out, PathBuf::from("/tmp/res"));
         assert_eq!(c.raw, PathBuf::from("/tmp/res/raw"));
         assert!(!c.smoke);
+    }
+
+    #[test]
+    fn vm2vm_takes_its_pairs_and_the_sizes_given() {
+        let c = config(&["--only", "vm2vm", "--bench"]);
+        assert_eq!(c.only, ["vm2vm"]);
+        // Its own default sizes (three back ends, two pair counts) beside
+        // the other scenarios' five.
+        assert_eq!(
+            (c.vm2vm_pairs.as_slice(), c.vm2vm_sizes.as_slice()),
+            (&[1, 4][..], &[64, 1518][..])
+        );
+        assert_eq!(c.sizes, super::super::SIZES);
+        let c = config(&["--only", "vm2vm", "--pairs", "1,2,16", "--sizes", "256"]);
+        assert_eq!(c.vm2vm_pairs, [1, 2, 16]);
+        assert_eq!(
+            (c.vm2vm_sizes.as_slice(), c.sizes.as_slice()),
+            (&[256][..], &[256][..])
+        );
+        let c = config(&["--pairs", "2", "--pairs", "4"]);
+        assert_eq!(c.vm2vm_pairs, [4]);
+        // Smoke mode runs it too, at the same sizes.
+        let c = config(&["--smoke"]);
+        assert_eq!(
+            (c.vm2vm_pairs.as_slice(), c.vm2vm_sizes.as_slice()),
+            (&[1, 4][..], &[64, 1518][..])
+        );
     }
 
     #[test]
@@ -305,7 +352,7 @@ mod tests {
         let names = |v: &[Scenario]| v.iter().map(name_of).collect::<Vec<_>>();
         assert_eq!(
             names(Scenario::value_variants()),
-            ["loopback", "af-xdp", "tap", "idle", "ports"]
+            ["loopback", "af-xdp", "tap", "idle", "ports", "vm2vm"]
         );
         let dirs = Direction::value_variants().iter().map(name_of);
         assert_eq!(dirs.collect::<Vec<_>>(), ["guest-to-wire", "wire-to-guest"]);

@@ -13,6 +13,7 @@ mod gen;
 mod plot;
 mod ports;
 mod report;
+pub mod vm2vm;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,6 +26,7 @@ use crate::common::{run, TempDir};
 
 pub use ports::PortsResult;
 pub use report::Sample;
+pub use vm2vm::Vm2vmResult;
 
 /// Frame sizes on the wire (with the 4-byte FCS, RFC 2544 style); testpmd
 /// is given `size - 4` as virtio frames carry no FCS.
@@ -42,7 +44,8 @@ pub struct Config {
     pub out: PathBuf,
     pub raw: PathBuf,
     pub vfrelay: PathBuf,
-    /// Scenarios to run (all when empty): loopback, af-xdp, tap, idle, ports.
+    /// Scenarios to run (all when empty): loopback, af-xdp, tap, idle, ports,
+    /// vm2vm.
     pub only: Vec<String>,
     pub sizes: Vec<usize>,
     /// Queue pairs of the loopback scenario.
@@ -53,6 +56,11 @@ pub struct Config {
     /// Port counts of the ports scenario; the idle daemon there gets the
     /// largest.
     pub ports: Vec<usize>,
+    /// Pair counts of the vm2vm scenario (2 ports a pair).
+    pub vm2vm_pairs: Vec<usize>,
+    /// Frame sizes of the vm2vm scenario: the smallest and the largest
+    /// unless --sizes says otherwise (three back ends, two pair counts).
+    pub vm2vm_sizes: Vec<usize>,
 }
 
 impl Config {
@@ -81,6 +89,8 @@ impl Config {
             } else {
                 vec![1, 4, 16, 64]
             },
+            vm2vm_pairs: vec![1, 4],
+            vm2vm_sizes: vec![SIZES[0], SIZES[SIZES.len() - 1]],
         }
     }
 
@@ -197,7 +207,10 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
     Vfrelay,
+    /// testpmd `net_vhost` (in vm2vm: io forwarding between the pairs).
     Dpdk,
+    /// OVS-DPDK, vm2vm only.
+    Ovs,
 }
 
 impl Side {
@@ -205,6 +218,7 @@ impl Side {
         match self {
             Side::Vfrelay => "vfrelay",
             Side::Dpdk => "dpdk",
+            Side::Ovs => "ovs",
         }
     }
 }
@@ -313,6 +327,7 @@ fn start_backend(
             assert!(sock.exists(), "net_vhost did not create {}", sock.display());
             Backend::Dpdk(t)
         }
+        Side::Ovs => unreachable!("OVS is a peer of the vm2vm scenario only"),
     }
 }
 
@@ -640,6 +655,14 @@ pub fn run_all(cfg: &Config) -> PathBuf {
     } else {
         PortsResult::default()
     };
+    let vm2vm = if cfg.wants("vm2vm") {
+        vm2vm::run(cfg, &raw)
+    } else {
+        Vm2vmResult::default()
+    };
+    // Into samples.csv and the plot with the others; the report gives them
+    // a section of their own (three back ends).
+    samples.extend(vm2vm.samples.iter().cloned());
     let load_after = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
     let rep = report::Report {
@@ -648,6 +671,7 @@ pub fn run_all(cfg: &Config) -> PathBuf {
         samples: &samples,
         idle: &idle,
         ports: &ports,
+        vm2vm: &vm2vm,
         load_before: load_before.trim(),
         load_after: load_after.trim(),
         elapsed: started.elapsed(),

@@ -1,5 +1,5 @@
 //! plot.svg: one panel per scenario, median Mpps against frame size, a line
-//! for vfrelay and one for DPDK.
+//! for vfrelay and one for DPDK (and one for OVS-DPDK in vm2vm).
 
 use std::path::Path;
 
@@ -36,8 +36,14 @@ pub fn draw(path: &Path, samples: &[Sample]) -> Result<(), Box<dyn std::error::E
                 .filter(|(_, y)| y.is_finite())
                 .collect()
         };
-        let (vf, dp) = (line(|p| &p.vfrelay), line(|p| &p.dpdk));
-        let ymax = vf.iter().chain(&dp).map(|(_, y)| *y).fold(0.1f64, f64::max) * 1.15;
+        let (vf, dp, ovs) = (line(|p| &p.vfrelay), line(|p| &p.dpdk), line(|p| &p.ovs));
+        let ymax = vf
+            .iter()
+            .chain(&dp)
+            .chain(&ovs)
+            .map(|(_, y)| *y)
+            .fold(0.1f64, f64::max)
+            * 1.15;
         let mut chart = ChartBuilder::on(area)
             .caption(
                 format!("{scenario}, {queues} queue pair(s)"),
@@ -52,7 +58,12 @@ pub fn draw(path: &Path, samples: &[Sample]) -> Result<(), Box<dyn std::error::E
             .x_desc("frame size (B)")
             .y_desc("Mpps (median)")
             .draw()?;
-        for (data, color, name) in [(vf, &RED, "vfrelay"), (dp, &BLUE, "DPDK net_vhost")] {
+        let mut lines = vec![(vf, &RED, "vfrelay"), (dp, &BLUE, "DPDK net_vhost")];
+        // Only vm2vm has a third back end.
+        if !ovs.is_empty() {
+            lines.push((ovs, &GREEN, "OVS-DPDK"));
+        }
+        for (data, color, name) in lines {
             chart
                 .draw_series(LineSeries::new(data.clone(), color.stroke_width(2)))?
                 .label(name)

@@ -5,6 +5,7 @@ use std::fmt::Write;
 use std::time::Duration;
 
 use super::ports::{Mode, PortsResult, BURSTS, FRAME, MAX_PORTS_PER_TESTPMD, RING};
+use super::vm2vm::{self, Vm2vmResult};
 use super::{Config, Side};
 
 #[derive(Clone, Debug)]
@@ -43,6 +44,8 @@ pub struct Point {
     pub size: usize,
     pub vfrelay: Vec<f64>,
     pub dpdk: Vec<f64>,
+    /// vm2vm only.
+    pub ovs: Vec<f64>,
 }
 
 impl Point {
@@ -67,6 +70,7 @@ pub fn points(samples: &[Sample]) -> Vec<Point> {
                     size: s.size,
                     vfrelay: Vec::new(),
                     dpdk: Vec::new(),
+                    ovs: Vec::new(),
                 });
                 out.len() - 1
             }
@@ -74,6 +78,7 @@ pub fn points(samples: &[Sample]) -> Vec<Point> {
         match s.side {
             Side::Vfrelay => out[i].vfrelay.push(s.mpps),
             Side::Dpdk => out[i].dpdk.push(s.mpps),
+            Side::Ovs => out[i].ovs.push(s.mpps),
         }
     }
     out
@@ -87,6 +92,9 @@ pub struct Report<'a> {
     pub idle: &'a [(String, f64, f64)],
     /// The `ports` scenario (empty when not run).
     pub ports: &'a PortsResult,
+    /// The `vm2vm` scenario (empty when not run); its samples are in
+    /// `samples` too.
+    pub vm2vm: &'a Vm2vmResult,
     pub load_before: &'a str,
     pub load_after: &'a str,
     pub elapsed: Duration,
@@ -132,7 +140,14 @@ impl Report<'_> {
             self.load_before,
             self.load_after
         );
-        if !self.samples.is_empty() {
+        // vm2vm has three back ends and a section of its own.
+        let single: Vec<Sample> = self
+            .samples
+            .iter()
+            .filter(|s| !s.scenario.starts_with("vm2vm"))
+            .cloned()
+            .collect();
+        if !single.is_empty() {
             let _ = writeln!(
                 m,
                 "Guest: `dpdk-testpmd` with `net_virtio_user` (queue size 1024), forwarding \
@@ -159,7 +174,7 @@ impl Report<'_> {
             "| scenario | queue pairs | frame (B) | vfrelay Mpps | DPDK Mpps | vfrelay / DPDK | best vfrelay / best DPDK | vfrelay samples | DPDK samples |"
         );
             let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|");
-            for p in points(self.samples) {
+            for p in points(&single) {
                 let _ = writeln!(
                     m,
                     "| {} | {} | {} | {:.3} | {:.3} | {:.2} | {:.2} | {} | {} |",
@@ -197,6 +212,9 @@ impl Report<'_> {
         }
         if !self.ports.samples.is_empty() {
             m += &ports_markdown(self.ports);
+        }
+        if !self.vm2vm.samples.is_empty() {
+            m += &vm2vm_markdown(self.vm2vm);
         }
         let _ = writeln!(
             m,
@@ -332,5 +350,87 @@ pub fn ports_markdown(res: &PortsResult) -> String {
             );
         }
     }
+    m
+}
+
+/// The `vm2vm` section: a row per (pairs, frame size), the three back ends
+/// side by side.
+pub fn vm2vm_markdown(res: &Vm2vmResult) -> String {
+    let mut m = String::new();
+    let _ = writeln!(
+        m,
+        "\n## vm2vm: guest to guest through a switch on one core\n\n\
+         Front end: one testpmd with 2 x P `net_virtio_user` ports (1 queue pair, \
+         ring {RING}, a MAC each), pairs 0-1, 2-3, ... (`--port-topology=paired`), \
+         `set fwd mac` with `--eth-peer` so every frame goes from its port's MAC to \
+         its partner's, `start tx_first {BURSTS}` on every port, forwarding on core 1. \
+         Back ends on core 0, the order rotating each repetition: the vfrelay daemon \
+         `--workers 0 --poll` (pinned) with `switch add {sw}` and the ports on \
+         `--backend switch,name={sw}`; OVS-DPDK 3.1 (`ovs-vswitchd-dpdk`, private \
+         database, bridge `datapath_type=netdev`, flow NORMAL, `dpdkvhostuserclient` \
+         ports, front end's virtio-user as servers, `pmd-cpu-mask=0x1`, \
+         `dpdk-lcore-mask=0x1`, the whole process on core 0); testpmd `net_vhost` \
+         ports with `set fwd io` between the pairs (no lookup: the ceiling). All \
+         ports of one configuration are on one switch or bridge. Rate = frames \
+         received by the front end, all ports summed; median (min..max).\n\n\
+         RX/TX is the front end's RX over its TX in the window, worst of the \
+         repetitions: 1.00 when every frame arrives once; with more than one pair, \
+         frames flooded to a MAC not learned would push it above 1.\n",
+        sw = vm2vm::SWITCH
+    );
+    let _ = writeln!(
+        m,
+        "| configuration | frame (B) | vfrelay Mpps | OVS-DPDK Mpps | testpmd io Mpps | vfrelay / OVS | vfrelay / testpmd | RX/TX vfrelay, OVS, testpmd | vfrelay samples | OVS samples | testpmd samples | notes |"
+    );
+    let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for p in points(&res.samples) {
+        let mine: Vec<_> = res
+            .checks
+            .iter()
+            .filter(|c| c.scenario == p.scenario && c.size == p.size)
+            .collect();
+        let worst = |side: Side| {
+            mine.iter()
+                .filter(|c| c.side == side)
+                .map(|c| c.fanout)
+                .fold(f64::NAN, f64::max)
+        };
+        let notes: Vec<String> = mine
+            .iter()
+            .filter(|c| c.silent > 0)
+            .map(|c| {
+                format!(
+                    "{} rep {}: {} port(s) received nothing",
+                    c.side.name(),
+                    c.rep,
+                    c.silent
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            m,
+            "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2}, {:.2}, {:.2} | {} | {} | {} | {} |",
+            p.scenario.trim_start_matches("vm2vm "),
+            p.size,
+            spread(&p.vfrelay),
+            spread(&p.ovs),
+            spread(&p.dpdk),
+            median(&p.vfrelay) / median(&p.ovs),
+            median(&p.vfrelay) / median(&p.dpdk),
+            worst(Side::Vfrelay),
+            worst(Side::Ovs),
+            worst(Side::Dpdk),
+            list(&p.vfrelay),
+            list(&p.ovs),
+            list(&p.dpdk),
+            notes.join("; ")
+        );
+    }
+    let _ = writeln!(
+        m,
+        "\nRaw: what each switch learned and how it forwarded during each window \
+         (`*-switch-list.json` for vfrelay; `*-ovs-state.txt`: `fdb/show`, \
+         `dpctl/dump-flows`, PMD statistics for OVS) and every log."
+    );
     m
 }
