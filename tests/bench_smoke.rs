@@ -2,7 +2,9 @@
 //! smoke-mode run (every configuration briefly, one repetition) must write a
 //! report, a plot and non-zero rates for both back ends; the ports scenario
 //! (1 and 4 ports in smoke mode) non-zero rates for every back end with every
-//! port carrying frames. Never a timed test.
+//! port carrying frames; the vm2vm scenario (1 and 4 pairs through a switch)
+//! non-zero rates for vfrelay, OVS-DPDK and testpmd with every port
+//! receiving. Never a timed test.
 //!
 //! Run as root: `cargo test --test bench_smoke -- --ignored`.
 //!
@@ -16,7 +18,7 @@ mod harness;
 use std::path::PathBuf;
 
 #[test]
-#[ignore = "needs root, dpdk-testpmd, hugepages; runs about a minute"]
+#[ignore = "needs root, dpdk-testpmd, OVS-DPDK, hugepages; runs about two minutes"]
 fn harness_smoke_mode_writes_a_report() {
     let dir = common::TempDir::new();
     let cfg = harness::Config::new(
@@ -83,4 +85,33 @@ fn harness_smoke_mode_writes_a_report() {
         "{report}"
     );
     assert!(report.contains("VmRSS per port"), "{report}");
+
+    // vm2vm rows are in samples.csv beside the others, one side per back end.
+    let csv = std::fs::read_to_string(out.join("samples.csv")).expect("samples.csv");
+    let rows: Vec<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    for pairs in &cfg.vm2vm_pairs {
+        let scenario = harness::vm2vm::scenario(*pairs);
+        for side in ["vfrelay", "ovs", "dpdk"] {
+            let mine: Vec<_> = rows
+                .iter()
+                .filter(|r| r[0] == scenario && r[3] == side)
+                .collect();
+            assert_eq!(
+                mine.len(),
+                cfg.vm2vm_sizes.len(),
+                "{scenario} {side} samples:\n{csv}"
+            );
+            for r in mine {
+                let mpps: f64 = r[5].parse().unwrap();
+                assert!(mpps > 0.0, "zero rate: {r:?}\n{report}");
+            }
+        }
+    }
+    assert!(report.contains("## vm2vm"), "{report}");
+    // The vm2vm notes name every window in which a port received nothing.
+    assert!(!report.contains("received nothing"), "{report}");
 }
