@@ -375,14 +375,16 @@ pub fn vm2vm_markdown(res: &Vm2vmResult) -> String {
          received by the front end, all ports summed; median (min..max).\n\n\
          RX/TX is the front end's RX over its TX in the window, worst of the \
          repetitions: 1.00 when every frame arrives once; with more than one pair, \
-         frames flooded to a MAC not learned would push it above 1.\n",
+         frames flooded to a MAC not learned would push it above 1. vfrelay's \
+         own count of what its switch flooded during the windows (`switch_list` \
+         counters, all repetitions) is beside it: 0 once every MAC is learned.\n",
         sw = vm2vm::SWITCH
     );
     let _ = writeln!(
         m,
-        "| configuration | frame (B) | vfrelay Mpps | OVS-DPDK Mpps | testpmd io Mpps | vfrelay / OVS | vfrelay / testpmd | RX/TX vfrelay, OVS, testpmd | vfrelay samples | OVS samples | testpmd samples | notes |"
+        "| configuration | frame (B) | vfrelay Mpps | OVS-DPDK Mpps | testpmd io Mpps | vfrelay / OVS | vfrelay / testpmd | RX/TX vfrelay, OVS, testpmd | vfrelay flooded / switched | vfrelay samples | OVS samples | testpmd samples | notes |"
     );
-    let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for p in points(&res.samples) {
         let mine: Vec<_> = res
             .checks
@@ -407,9 +409,13 @@ pub fn vm2vm_markdown(res: &Vm2vmResult) -> String {
                 )
             })
             .collect();
+        let (flooded, switched) = mine
+            .iter()
+            .filter_map(|c| c.flooded)
+            .fold((0, 0), |(f, a), (f1, a1)| (f + f1, a + a1));
         let _ = writeln!(
             m,
-            "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2}, {:.2}, {:.2} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.2}, {:.2}, {:.2} | {flooded} / {switched} | {} | {} | {} | {} |",
             p.scenario.trim_start_matches("vm2vm "),
             p.size,
             spread(&p.vfrelay),

@@ -538,6 +538,21 @@ fn counters(fe: &mut Testpmd) -> (Vec<u64>, u64, u64, Instant) {
     (rx, sum, tx, t0 + (t1 - t0) / 2)
 }
 
+/// (flooded, flooded + unicast) frames of vfrelay's switch so far, over
+/// all its ports.
+fn switched(control: &Path) -> (u64, u64) {
+    let v = Rpc::connect(control).result("switch_list", json!({}));
+    let sw = v
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == SWITCH));
+    let sw = sw.unwrap_or_else(|| panic!("no switch {SWITCH} in switch_list: {v}"));
+    let n = |p: &serde_json::Value, k: &str| p[k].as_u64().unwrap_or(0);
+    let ports = sw["ports"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    let flooded = ports.iter().map(|p| n(p, "flooded")).sum();
+    let unicast: u64 = ports.iter().map(|p| n(p, "unicast")).sum();
+    (flooded, flooded + unicast)
+}
+
 /// What a window showed besides the rate.
 #[derive(Clone, Debug)]
 pub struct Check {
@@ -549,6 +564,9 @@ pub struct Check {
     pub silent: usize,
     /// Front-end RX / TX over the window.
     pub fanout: f64,
+    /// vfrelay: frames its switch flooded and frames it switched in all
+    /// during the window (its `switch_list` counters, summed over ports).
+    pub flooded: Option<(u64, u64)>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -625,9 +643,14 @@ fn instance(cfg: &Config, raw: &Raw, pairs: usize, side: Side, rep: usize, res: 
         cmd(&mut fe, "set fwd mac");
         cmd(&mut fe, &format!("start tx_first {BURSTS}"));
         sleep(cfg.warm);
+        let sw0 = matches!(back, Back::Vfrelay(_)).then(|| switched(&control));
         let (a, rx0, tx0, t0) = counters(&mut fe);
         sleep(cfg.secs);
         let (b, rx1, tx1, t1) = counters(&mut fe);
+        let flooded = sw0.map(|(f0, all0)| {
+            let (f1, all1) = switched(&control);
+            (f1.saturating_sub(f0), all1.saturating_sub(all0))
+        });
         let secs = (t1 - t0).as_secs_f64();
         let (rx, tx) = (rx1.saturating_sub(rx0), tx1.saturating_sub(tx0));
         let silent = b.iter().zip(&a).filter(|(b, a)| b <= a).count();
@@ -658,6 +681,9 @@ fn instance(cfg: &Config, raw: &Raw, pairs: usize, side: Side, rep: usize, res: 
         if silent > 0 {
             note += &format!(", {silent} port(s) received nothing");
         }
+        if let Some((f, all)) = flooded {
+            note += &format!(", {f} of {all} switched frames flooded");
+        }
         eprintln!(
             "  {scen} {size:>4}B {:>7} rep {rep}: {mpps:.3} Mpps (RX/TX {fanout:.2}){note}",
             side.name()
@@ -677,6 +703,7 @@ fn instance(cfg: &Config, raw: &Raw, pairs: usize, side: Side, rep: usize, res: 
             rep,
             silent,
             fanout,
+            flooded,
         });
     }
     let _ = fe.quit(Duration::from_secs(30));
