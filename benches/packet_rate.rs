@@ -6,11 +6,12 @@
 //! cargo bench --bench packet_rate -- --only loopback --reps 3 --sizes 64
 //! cargo bench --bench packet_rate -- --only af-xdp --dir guest-to-wire
 //! cargo bench --bench packet_rate -- --only ports --ports 1,4,16,64 --reps 3
+//! cargo bench --bench packet_rate -- --only vm2vm --pairs 1,4 --reps 5
 //! cargo bench --bench packet_rate -- --help      # every option
 //! ```
 //!
 //! Writes `benches/results/<stamp>/{report.md,plot.svg,samples.csv}` and the
-//! raw testpmd/vfrelay output to `benches/results/raw/<stamp>/`. See
+//! raw testpmd/vfrelay/OVS output to `benches/results/raw/<stamp>/`. See
 //! benches/README.md.
 
 #[path = "../tests/common/mod.rs"]

@@ -14,7 +14,7 @@ use super::Config;
 #[derive(Parser, Debug)]
 #[command(
     name = "packet_rate",
-    about = "Packet rate of vfrelay against DPDK's vhost-user back end",
+    about = "Packet rate of vfrelay against DPDK's vhost-user back end (and OVS-DPDK in vm2vm)",
     override_usage = "cargo bench --bench packet_rate -- [OPTIONS]",
     after_help = "Run as root. See benches/README.md.",
     // A repeated --reps, --sizes, ... takes its last value (--only and
