@@ -1,7 +1,7 @@
 //! Packet-rate harness, vfrelay vs DPDK (issue 5). As root:
 //!
 //! ```sh
-//! cargo bench --bench packet_rate                 # full run, ~16 min
+//! cargo bench --bench packet_rate                 # full run, ~20 min
 //! cargo bench --bench packet_rate -- --smoke      # every configuration ~2 s
 //! cargo bench --bench packet_rate -- --only loopback --reps 3 --sizes 64
 //! cargo bench --bench packet_rate -- --only af-xdp --dir guest-to-wire
