@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use crate::common::dpdk::{self, Testpmd};
 use crate::common::netns::{Netns, Veth};
 use crate::common::vfrelay::Vfrelay;
-use crate::common::{run, TempDir};
+use crate::common::{run, unique_name, TempDir};
 
 pub use ports::PortsResult;
 pub use report::Sample;
@@ -169,6 +169,24 @@ impl Drop for Hugepages {
         if self.before < Self::WANT {
             let _ = std::fs::write(Self::PATH, self.before.to_string());
         }
+    }
+}
+
+/// DPDK's runtime directory of a front end's unique file prefix:
+/// `--in-memory` still makes it and leaves it behind (empty), so it is
+/// removed with this guard.
+struct RuntimeDir(PathBuf);
+
+impl RuntimeDir {
+    fn new() -> (RuntimeDir, String) {
+        let prefix = unique_name("f");
+        (RuntimeDir(Path::new("/var/run/dpdk").join(&prefix)), prefix)
+    }
+}
+
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -24,10 +24,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::{cmd, cpu_seconds, pin, sleep, Config, Raw};
+use super::{cmd, cpu_seconds, pin, sleep, Config, Raw, RuntimeDir};
 use crate::common::dpdk::{self, Testpmd};
 use crate::common::vfrelay::{Rpc, Vfrelay};
-use crate::common::{unique_name, wait_until, TempDir};
+use crate::common::{wait_until, TempDir};
 
 /// `RTE_MAX_ETHPORTS` of Debian's DPDK 22.11 (rte_build_config.h): ports
 /// one testpmd process can hold.
@@ -130,9 +130,12 @@ const BACKEND_MBUFS: u32 = 32768;
 /// Hugepages (2 MiB) a DPDK back end takes, with margin.
 const BACKEND_PAGES: u64 = 80;
 
-fn frontend(socks: &[PathBuf]) -> Testpmd {
+/// The front end of `socks`; its runtime directory's guard goes to `dirs`.
+fn frontend(socks: &[PathBuf], dirs: &mut Vec<RuntimeDir>) -> Testpmd {
     let n = socks.len();
-    let eal = dpdk::virtio_user_eal_ports(socks, RING, frontend_mem_mb(n), &unique_name("f"));
+    let (dir, prefix) = RuntimeDir::new();
+    dirs.push(dir);
+    let eal = dpdk::virtio_user_eal_ports(socks, RING, frontend_mem_mb(n), &prefix);
     let app = vec![
         "--rxq=1".to_string(),
         "--txq=1".into(),
@@ -278,7 +281,11 @@ fn sample(cfg: &Config, raw: &Raw, n: usize, mode: Mode, rep: usize) -> PortsSam
         }
         Mode::Dpdk => Back::Dpdk(groups(&socks).into_iter().map(dpdk_backend).collect()),
     };
-    let mut fes: Vec<Testpmd> = groups(&socks).into_iter().map(frontend).collect();
+    let mut dirs = Vec::new();
+    let mut fes: Vec<Testpmd> = groups(&socks)
+        .into_iter()
+        .map(|g| frontend(g, &mut dirs))
+        .collect();
     let conn = match &back {
         Back::Vfrelay(v) => {
             let c = wait_connected(&control, n);
@@ -380,7 +387,11 @@ fn idle(cfg: &Config, raw: &Raw, n: usize, secs: f64) -> (IdleCpu, Vec<Rss>) {
     add_ports(&control, &socks);
     sleep(0.5);
     read("ports added, nothing connected", n);
-    let mut fes: Vec<Testpmd> = groups(&socks).into_iter().map(frontend).collect();
+    let mut dirs = Vec::new();
+    let mut fes: Vec<Testpmd> = groups(&socks)
+        .into_iter()
+        .map(|g| frontend(g, &mut dirs))
+        .collect();
     let conn = wait_connected(&control, n);
     pin(v.pid(), 0);
     sleep(1.0);

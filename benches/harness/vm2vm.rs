@@ -30,11 +30,11 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::ports::{self, BURSTS, RING};
-use super::{cmd, drain, sleep, Config, Raw, Sample, Side};
+use super::{cmd, drain, sleep, Config, Raw, RuntimeDir, Sample, Side};
 use crate::common::dpdk::{self, Testpmd};
 use crate::common::netns::Netns;
 use crate::common::vfrelay::{Rpc, Vfrelay};
-use crate::common::{unique_name, wait_until, TempDir};
+use crate::common::{wait_until, TempDir};
 
 /// Pairs one front end can hold: 2 x 16 = `RTE_MAX_ETHPORTS` of Debian's
 /// DPDK 22.11.
@@ -84,23 +84,6 @@ fn which(prog: &str) -> bool {
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).is_file()))
         .unwrap_or(false)
-}
-
-/// DPDK's runtime directory of a file prefix: `--in-memory` leaves it
-/// behind (empty), so the front end's is removed with this guard.
-struct RuntimeDir(PathBuf);
-
-impl RuntimeDir {
-    fn new() -> (RuntimeDir, String) {
-        let prefix = unique_name("f");
-        (RuntimeDir(Path::new("/var/run/dpdk").join(&prefix)), prefix)
-    }
-}
-
-impl Drop for RuntimeDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// The front end, file prefix `prefix`, virtio-user servers if `server`;
