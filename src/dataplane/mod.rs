@@ -706,8 +706,7 @@ impl RxBatch<'_> {
             h.stats.rx_dropped_no_ring += 1;
             return false;
         }
-        let mut dst = [0u8; 6];
-        let have = frame.peek(&mut dst);
+        let dst = frame.head::<6>();
         let len = frame.bytes();
         let ring = h.ring.ring.as_mut().expect("a prepared ring");
         let zero = [0u8; vfrelay_backends::VNET_HDR_LEN];
@@ -717,14 +716,14 @@ impl RxBatch<'_> {
             ring,
             &h.mem,
             &mut h.chain,
-            &zero[..h.hdr_len],
+            &zero,
             rx::Src::new(frame),
             h.hdr_len,
             mrg,
             log,
         ) {
             Ok(rx::Delivery::Done) => {
-                h.stats.count_rx(len, (have == 6).then_some(&dst[..]));
+                h.stats.count_rx(len, dst.as_ref().map(|d| &d[..]));
                 true
             }
             Ok(rx::Delivery::NoRoom) => {

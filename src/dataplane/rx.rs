@@ -204,14 +204,16 @@ pub fn burst(
     let zero_hdr = [0u8; VNET_HDR_LEN];
     let mut sink = |frame: &[u8]| -> bool {
         let (hdr, payload) = if vnet {
-            if frame.len() < VNET_HDR_LEN {
-                stats.rx_dropped += 1;
-                stats.rx_dropped_short += 1;
-                return true;
+            match frame.split_first_chunk::<VNET_HDR_LEN>() {
+                Some(split) => split,
+                None => {
+                    stats.rx_dropped += 1;
+                    stats.rx_dropped_short += 1;
+                    return true;
+                }
             }
-            frame.split_at(VNET_HDR_LEN)
         } else {
-            (&zero_hdr[..], frame)
+            (&zero_hdr, frame)
         };
         let logging = log.as_mut().map(|(l, c)| (*l, &mut **c));
         let one = [libc::iovec {
@@ -220,16 +222,7 @@ pub fn burst(
         }];
         // SAFETY: `payload` is borrowed for the whole call.
         let src = Src::new(unsafe { Segs::new(&one) });
-        match deliver(
-            ring,
-            mem,
-            chain,
-            &hdr[..hdr_len.min(VNET_HDR_LEN)],
-            src,
-            hdr_len,
-            mrg,
-            logging,
-        ) {
+        match deliver(ring, mem, chain, hdr, src, hdr_len, mrg, logging) {
             Ok(Delivery::Done) => {
                 stats.count_rx(payload.len(), payload.get(..6));
                 true
@@ -271,13 +264,14 @@ pub enum Delivery {
     TooBig,
 }
 
-/// Write one frame (`hdr`, then `data`) into the guest's RX buffers.
+/// Write one frame (the first `hdr_len` bytes of `hdr`, then `data`) into
+/// the guest's RX buffers.
 #[allow(clippy::too_many_arguments)]
 pub fn deliver(
     ring: &mut SplitRing,
     mem: &MemView,
     chain: &mut Chain,
-    hdr: &[u8],
+    hdr: &[u8; VNET_HDR_LEN],
     mut data: Src<'_>,
     hdr_len: usize,
     mrg: bool,
@@ -285,8 +279,9 @@ pub fn deliver(
 ) -> Result<Delivery, ChainError> {
     // The header we write: the backend's (or zero), num_buffers patched
     // below once known; a 10-byte legacy header has no num_buffers.
-    let mut h = [0u8; VNET_HDR_LEN];
-    h[..hdr.len()].copy_from_slice(hdr);
+    // A whole array, so one move: a copy of a variable length is a call
+    // into memcpy (a tenth of a 64 B frame's time on a switch).
+    let mut h = *hdr;
     if hdr_len == VNET_HDR_LEN {
         h[10..12].copy_from_slice(&1u16.to_le_bytes());
     }

@@ -272,9 +272,8 @@ impl Switch {
     }
 }
 
-/// The header fields a lookup needs: (destination, source, VLAN tag or
-/// 0, tagged at all).
-fn parse_eth(h: &[u8; ETH_HLEN + 4]) -> ([u8; 6], [u8; 6], bool) {
+/// The header fields a lookup needs: (destination, source, tagged).
+fn parse_eth(h: &[u8]) -> ([u8; 6], [u8; 6], bool) {
     let mut dst = [0u8; 6];
     let mut src = [0u8; 6];
     dst.copy_from_slice(&h[..6]);
@@ -371,10 +370,7 @@ impl SwitchPort {
         let mut last: Option<([u8; 6], u16)> = None;
         for i in 0..self.frames.len() {
             let f = self.frames[i];
-            let mut h = [0u8; ETH_HLEN + 4];
-            let dest = if self.segs(&f).peek(&mut h) < ETH_HLEN {
-                DROP
-            } else {
+            let dest = if let Some(h) = self.segs(&f).head::<ETH_HLEN>() {
                 let (dst, src, tagged) = parse_eth(&h);
                 if tagged {
                     // Member ports are access ports: a guest does not pick
@@ -399,6 +395,8 @@ impl SwitchPort {
                         d
                     }
                 }
+            } else {
+                DROP
             };
             self.frames[i].dest = dest;
         }
@@ -511,7 +509,10 @@ impl Backend for SwitchPort {
             len: len as u32,
             dest: DROP,
         });
-        self.iovs.extend_from_slice(iov);
+        match iov {
+            [one] => self.iovs.push(*one),
+            _ => self.iovs.extend_from_slice(iov),
+        }
         Ok(true)
     }
 
