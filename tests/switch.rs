@@ -332,3 +332,52 @@ fn the_state_file_brings_switches_back_before_their_ports() {
     let (st, log) = d.stop();
     assert!(st.is_some_and(|s| s.success()), "daemon exit {st:?}\n{log}");
 }
+
+#[test]
+#[ignore = "starts a vfrelay daemon"]
+fn a_saved_switch_that_cannot_come_back_is_kept_until_deleted() {
+    let dir = TempDir::new();
+    let control = dir.join("control.sock");
+    let state = dir.join("state.json");
+    std::fs::write(
+        &state,
+        r#"{"version": 1, "switches": [{"name": "gone", "uplink": "af-xdp,ifname=vfrnosuch0"}], "ports": []}"#,
+    )
+    .unwrap();
+    let saved = |p: &std::path::Path| -> Vec<String> {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        v["switches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    let d = Vfrelay::daemon(
+        &control,
+        &["--workers", "0", "--state", state.to_str().unwrap()],
+    );
+    assert!(d
+        .ctl_list(&["switch", "list", "--json"], "switches")
+        .is_empty());
+    assert_eq!(saved(&state), ["gone"], "kept for the next start");
+    // A VDUSE port cannot join a switch (yet): one clear error.
+    d.ctl_ok(&["switch", "add", "sw0"]);
+    let (code, _, err) = d.ctl(&[
+        "port",
+        "add",
+        "v",
+        "--vduse",
+        "vfrnosuch",
+        "--backend",
+        "switch,name=sw0",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("VDUSE port cannot join a switch"), "{err}");
+    assert_eq!(saved(&state), ["sw0", "gone"]);
+    d.ctl_ok(&["switch", "del", "gone"]);
+    assert_eq!(saved(&state), ["sw0"], "forgotten once deleted");
+    let (st, log) = d.stop();
+    assert!(st.is_some_and(|s| s.success()), "daemon exit {st:?}\n{log}");
+}

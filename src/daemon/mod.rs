@@ -95,6 +95,8 @@ pub struct Daemon {
     /// the state file (the next start tries again; a backend device may
     /// simply not be there yet) until `port_add` or `port_del` names them.
     unrestored: Vec<(String, Value, String)>,
+    /// The same for switches (name, `switch_add` params).
+    unrestored_switches: Vec<(String, Value)>,
     /// What the metrics thread reads, if it runs.
     metrics: Option<metrics::Table>,
 }
@@ -148,6 +150,7 @@ impl Daemon {
             control,
             state: None,
             unrestored: Vec::new(),
+            unrestored_switches: Vec::new(),
             metrics: None,
         };
         if let Some(addr) = &opts.metrics {
@@ -193,20 +196,24 @@ impl Daemon {
         }
     }
 
-    /// Rebuild the switches and ports saved in the state file. A port that
-    /// fails is logged and remembered; the others come up regardless. A
-    /// switch that fails (its uplink device gone) is logged and dropped
-    /// from the file; its ports then fail and are remembered.
+    /// Rebuild the switches and ports saved in the state file. One that
+    /// fails (say its uplink or backend device is not there yet) is logged
+    /// and kept in the file for the next start; the others come up
+    /// regardless (a port on a switch that failed fails too).
     fn restore(&mut self, saved: state::Saved) {
         for params in saved.switches {
             let name = params["name"].as_str().unwrap_or("?").to_string();
             let added = self.switch_add_params(&params);
             match added {
                 Ok(_) => info!("switch {name}: restored from the state file"),
-                Err(e) => error!(
-                    "switch {name}: not restored from the state file: {}",
-                    e.message
-                ),
+                Err(e) => {
+                    error!(
+                        "switch {name}: not restored from the state file: {} (kept there; \
+                         `vfrelay switch del {name}` forgets it)",
+                        e.message
+                    );
+                    self.unrestored_switches.push((name, params));
+                }
             }
         }
         for params in saved.ports {
@@ -240,6 +247,7 @@ impl Daemon {
                 }
                 v
             })
+            .chain(self.unrestored_switches.iter().map(|(_, v)| v.clone()))
             .collect();
         let ports: Vec<Value> = self
             .ports
@@ -447,6 +455,14 @@ impl Daemon {
                 )));
             }
         }
+        if let (Kind::Vduse { .. }, BackendSpec::Switch { .. }) = (&spec.kind, &spec.backend) {
+            // Other ports' deliveries cannot yet look up IOVAs the kernel
+            // maps without a request (the bounce map): the RX ring would
+            // stop at the first frame.
+            return Err(RpcError::failed(
+                "a VDUSE port cannot join a switch yet (vhost-user ports can)",
+            ));
+        }
         let mac = spec.mac.unwrap_or_else(net::random_mac);
         let cfg = spec.net_config(mac);
         // A switch port: its first pair's RX ring is where other ports'
@@ -544,6 +560,9 @@ impl Daemon {
                     sw.leave(*m);
                 }
                 remove_qps(&qps);
+                if let Some((sw, m)) = &member {
+                    sw.forget(*m);
+                }
                 return Err(RpcError::failed(e));
             }
         };
@@ -588,10 +607,16 @@ impl Daemon {
         }
         // Nobody sends to it any more; then the queue pairs leave their
         // workers (backends close) before the frontend's last resources go.
-        if let Some((sw, m)) = p.member.take() {
-            sw.leave(m);
+        let member = p.member.take();
+        if let Some((sw, m)) = &member {
+            sw.leave(*m);
         }
         remove_qps(&p.qps);
+        // Again: its queue pairs may have learned between the two, and its
+        // number is free for the next port from here on.
+        if let Some((sw, m)) = &member {
+            sw.forget(*m);
+        }
         p.front = None;
         info!("{name}: port deleted");
         Ok(())
@@ -835,16 +860,30 @@ impl rpc::Handler for Daemon {
             "worker_list" => Ok(self.workers_json()),
             "switch_add" => {
                 let added = self.switch_add_params(params)?;
+                let name = added["name"].as_str().unwrap_or("").to_string();
+                // A saved switch that was not restored is replaced by this one.
+                let replaced = self
+                    .unrestored_switches
+                    .iter()
+                    .position(|(n, _)| *n == name)
+                    .map(|i| self.unrestored_switches.remove(i));
                 if let Err(e) = self.persist() {
-                    let name = added["name"].as_str().unwrap_or("").to_string();
                     self.del_switch(&name).ok();
+                    self.unrestored_switches.extend(replaced);
                     return Err(RpcError::failed(format!("switch '{name}' not added: {e}")));
                 }
                 Ok(added)
             }
             "switch_del" => {
                 let name = rpc::require(rpc::param_str(params, "name")?, "name")?;
-                self.del_switch(name)?;
+                let saved_only = self.unrestored_switches.iter().position(|(n, _)| n == name);
+                match saved_only {
+                    Some(i) if !self.switches.iter().any(|e| e.sw.name == name) => {
+                        self.unrestored_switches.remove(i);
+                        info!("switch {name}: forgotten (it was never restored)");
+                    }
+                    _ => self.del_switch(name)?,
+                }
                 self.persist()
                     .map_err(|e| RpcError::failed(format!("switch '{name}' deleted, but {e}")))?;
                 Ok(json!({}))

@@ -274,6 +274,8 @@ pub struct QueuePair {
     /// [`Self::resolve_misses`] instead of being reported at once (set
     /// while the frontend has a [`MissFn`]).
     pub defer_misses: bool,
+    /// A RARP to send at the next round ([`Self::announce`]).
+    announce: Option<[u8; 6]>,
 }
 
 /// Asked when a ring stops for an address its view lacks (`addr`, under
@@ -336,6 +338,7 @@ impl QueuePair {
             tx_blocked: false,
             extra_rx: Vec::new(),
             defer_misses: false,
+            announce: None,
         }
     }
 
@@ -367,8 +370,16 @@ impl QueuePair {
     }
 
     /// Send a RARP for `mac` out of the backend, so the network learns where
-    /// a migrated guest now is.
+    /// a migrated guest now is: at the start of the next round, not in the
+    /// control command that asks for it. A command runs under a switch
+    /// port's RX lock, and a switch floods the RARP into other ports' RX
+    /// rings and the uplink: taken from there, a second lock (AB-BA with
+    /// another port announcing, or with the uplink task).
     pub fn announce(&mut self, mac: &[u8; 6]) {
+        self.announce = Some(*mac);
+    }
+
+    fn send_announce(&mut self, mac: &[u8; 6]) {
         let frame = crate::net::rarp_frame(mac);
         let hdr = [0u8; vfrelay_backends::VNET_HDR_LEN];
         let parts: &[&[u8]] = if self.backend.vnet_hdr() {
@@ -434,6 +445,9 @@ impl QueuePair {
         rx: &mut dyn RingCtl,
         tx: &mut dyn RingCtl,
     ) -> usize {
+        if let Some(mac) = self.announce.take() {
+            self.send_announce(&mac);
+        }
         let mut moved = 0;
         let feats = self.features;
         let defer = self.defer_misses;
@@ -642,9 +656,19 @@ impl RxHalf {
 
     /// After a control command changed the queue pair: what it set, in
     /// force for the next batch.
-    pub(crate) fn sync(&mut self, mem: &Arc<MemView>, log: Option<&Arc<DirtyLog>>, features: u64) {
-        self.mem = mem.clone();
-        self.log = log.cloned();
+    /// Returns the view and log it replaced, for the caller to drop after
+    /// the lock: the last reference unmaps guest memory, which senders
+    /// waiting for the lock need not wait for.
+    pub(crate) fn sync(
+        &mut self,
+        mem: &Arc<MemView>,
+        log: Option<&Arc<DirtyLog>>,
+        features: u64,
+    ) -> (Arc<MemView>, Option<Arc<DirtyLog>>) {
+        let old = (
+            std::mem::replace(&mut self.mem, mem.clone()),
+            std::mem::replace(&mut self.log, log.cloned()),
+        );
         self.features = features;
         self.hdr_len = if features & (VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF) != 0 {
             12
@@ -657,6 +681,7 @@ impl RxHalf {
             self.ring = RingSlot::default();
             self.kicks_off = false;
         }
+        old
     }
 
     /// Lock `rx` for a batch of frames.

@@ -98,7 +98,9 @@ impl Slot {
         std::mem::swap(&mut self.rx, &mut h.ctl);
         let r = f(self);
         std::mem::swap(&mut self.rx, &mut h.ctl);
-        h.sync(&self.mem, self.log.as_ref(), self.qp.features());
+        let replaced = h.sync(&self.mem, self.log.as_ref(), self.qp.features());
+        drop(h);
+        drop(replaced);
         r
     }
 

@@ -212,6 +212,12 @@ impl Switch {
         self.table.forget_port(id);
     }
 
+    /// Forget what was learned on member number `id` (after its queue
+    /// pairs stopped sending).
+    pub fn forget(&self, id: u16) {
+        self.table.forget_port(id);
+    }
+
     pub fn has_uplink(&self) -> bool {
         self.uplink.is_some()
     }
@@ -421,6 +427,17 @@ impl SwitchPort {
         let now = self.sw.now();
         self.classify(now);
         let view = self.cached.view.clone();
+        // A unicast destination that left, or (a table entry older than a
+        // port number's reuse) is on another VLAN: dropped, and counted so.
+        for f in self.frames.iter_mut() {
+            if f.dest < DROP {
+                let ok = matches!(view.members.get(usize::from(f.dest)),
+                    Some(Some(m)) if m.vlan == self.vlan);
+                if !ok {
+                    f.dest = DROP;
+                }
+            }
+        }
         let any_flood = self.frames.iter().any(|f| f.dest == FLOOD);
         if any_flood {
             // Every member of the VLAN gets the flooded frames plus its own,
@@ -447,17 +464,8 @@ impl SwitchPort {
                         done |= 1 << j;
                     }
                 }
-                match view.members.get(usize::from(d)).and_then(|m| m.as_ref()) {
-                    // The VLAN checked again: a table entry can be older
-                    // than a port number's reuse.
-                    Some(m) if m.vlan == self.vlan => {
-                        self.deliver_to(m, d, false);
-                    }
-                    _ => {
-                        for f in self.frames.iter_mut().filter(|f| f.dest == d) {
-                            f.dest = DROP;
-                        }
-                    }
+                if let Some(Some(m)) = view.members.get(usize::from(d)) {
+                    self.deliver_to(m, d, false);
                 }
             }
         }
