@@ -446,7 +446,11 @@ fn lookup(u: &mut In, sh: &Arc<Shared<FakeDevice>>, qp: &QpRef, model: &Model, s
         assert!(
             in_file || in_umem,
             "IOVA {addr:#x}+{len:#x} ({need:?}) translated to memory no entry covering it \
-             with that permission maps there"
+             with that permission maps there: {p:#x}; umem {umem:x?}; covering {:x?}",
+            covering
+                .iter()
+                .map(|k| (k.e.start, k.e.last, k.e.offset, k.e.perm, k.bounce))
+                .collect::<Vec<_>>()
         );
     }
 }
