@@ -184,18 +184,7 @@ pub(super) fn daemon(cfg: &Config, control: &Path, poll: bool) -> Vfrelay {
         args.push("--poll");
     }
     let mut v = Vfrelay::spawn_with(None, &cfg.vfrelay, &args, &[("RUST_LOG", "info")]);
-    v.wait_for_socket(control, Duration::from_secs(10));
-    // The file appears at bind(), a moment before listen(): ready is when
-    // a connect works (as tests/common's Vfrelay::daemon waits).
-    let ok = wait_until(Duration::from_secs(10), || {
-        std::os::unix::net::UnixStream::connect(control).is_ok() || !v.is_running()
-    });
-    assert!(
-        ok && v.is_running(),
-        "daemon not accepting on {}\n{}",
-        control.display(),
-        v.log_text()
-    );
+    v.wait_for_control(control);
     pin(v.pid(), 0);
     v
 }

@@ -112,20 +112,26 @@ impl Vfrelay {
         let mut args = vec!["daemon", "--control", c];
         args.extend_from_slice(extra);
         let mut v = Vfrelay::spawn(None, &args);
-        v.wait_for_socket(control, secs(10));
+        v.wait_for_control(control);
+        v.control = Some(control.to_path_buf());
+        v
+    }
+
+    /// Waits until this daemon accepts on its control socket `control`;
+    /// panics with the log if it does not or the daemon exits.
+    pub fn wait_for_control(&mut self, control: &Path) {
+        self.wait_for_socket(control, secs(10));
         // The file appears at bind(), a moment before listen(): a client
         // started in between is refused. Ready is when a connect works.
         let ok = wait_until(secs(10), || {
-            std::os::unix::net::UnixStream::connect(control).is_ok() || !v.is_running()
+            std::os::unix::net::UnixStream::connect(control).is_ok() || !self.is_running()
         });
         assert!(
-            ok && v.is_running(),
+            ok && self.is_running(),
             "daemon not accepting on {}\n{}",
             control.display(),
-            v.log_text()
+            self.log_text()
         );
-        v.control = Some(control.to_path_buf());
-        v
     }
 
     /// The control socket of a [`daemon`](Self::daemon).
