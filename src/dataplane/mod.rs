@@ -80,6 +80,17 @@ fn resume_from_used(ctl: &mut dyn RingCtl, r: &SplitRing, what: &str) {
     }
 }
 
+/// The virtio-net header the driver expects with `features`: 12 bytes
+/// (`virtio_net_hdr_v1`, num_buffers) with VERSION_1 or MRG_RXBUF, else
+/// the legacy 10.
+fn hdr_len(features: u64) -> usize {
+    if features & (VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF) != 0 {
+        12
+    } else {
+        10
+    }
+}
+
 /// Cached translation of one ring plus its stop state.
 #[derive(Default)]
 struct RingSlot {
@@ -356,11 +367,7 @@ impl QueuePair {
     /// Features the driver acked: fixes the header layout and offloads.
     pub fn set_features(&mut self, features: u64) {
         self.features = features;
-        self.hdr_len = if features & (VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF) != 0 {
-            12
-        } else {
-            10
-        };
+        self.hdr_len = hdr_len(features);
         for b in std::iter::once(&mut self.backend).chain(self.extra_rx.iter_mut().map(|(_, b)| b))
         {
             if let Err(e) = b.set_offloads(features) {
@@ -670,11 +677,7 @@ impl RxHalf {
             std::mem::replace(&mut self.log, log.cloned()),
         );
         self.features = features;
-        self.hdr_len = if features & (VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF) != 0 {
-            12
-        } else {
-            10
-        };
+        self.hdr_len = hdr_len(features);
         if !self.ctl.active() {
             // Stopped or reset: the next start is a fresh one (resume from
             // the used ring, a new stop state), as `prepare` would see it.
