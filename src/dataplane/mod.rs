@@ -125,6 +125,16 @@ fn miss_addr(e: &ChainError, mem: &MemView) -> Option<u64> {
     }
 }
 
+/// Whether `new` maps `addr` (for some access) where `old` did not map it
+/// the same: else the miss was a bad address or a lacking permission, and
+/// trying again would only fail again.
+fn newly_mapped(old: &MemView, new: &MemView, addr: u64) -> bool {
+    [Perm::Read, Perm::Write].into_iter().any(|p| {
+        let n = new.translate(addr, 1, p);
+        n.is_some() && n != old.translate(addr, 1, p)
+    })
+}
+
 impl RingSlot {
     /// Ready the cached ring for a burst: None if inactive or stopped.
     fn prepare(
@@ -290,10 +300,13 @@ pub struct QueuePair {
 }
 
 /// Asked when a ring stops for an address its view lacks (`addr`, under
-/// the view `cur`): a view that now covers it, or None (then the queue
-/// stops for good). VDUSE mappings appear without a request (the bounce
-/// map with the driver's first DMA mapping), so they are looked up on a
-/// miss, never on every round.
+/// the view `cur`): the frontend's view if the lookup changed it, else
+/// None. A changed view is installed even when it still lacks `addr`
+/// (the lookup may have dropped mappings the kernel no longer has, which
+/// the worker must stop using); the ring goes on only if `addr` is now
+/// mapped where it was not. VDUSE mappings appear without a request (the
+/// bounce map with the driver's first DMA mapping), so they are looked up
+/// on a miss, never on every round.
 pub type MissFn = Box<dyn FnMut(&MemView, u64) -> Option<Arc<MemView>> + Send>;
 
 /// What a queue pair holds while its backend queue is lent to another:
@@ -584,12 +597,19 @@ impl QueuePair {
             let Some(e) = slot.missed.take() else {
                 continue;
             };
-            let found = miss_addr(&e, mem).and_then(|a| handler(mem, a).map(|v| (a, v)));
-            match found {
-                Some((a, v)) => {
-                    debug!("{what}: IOVA {a:#x} is mapped now; going on");
+            let mut found = None;
+            if let Some(a) = miss_addr(&e, mem) {
+                if let Some(v) = handler(mem, a) {
+                    if newly_mapped(mem, &v, a) {
+                        found = Some(a);
+                    }
                     *mem = v;
                     changed = true;
+                }
+            }
+            match found {
+                Some(a) => {
+                    debug!("{what}: IOVA {a:#x} is mapped now; going on");
                     slot.broken = false;
                     ctl.set_next_avail(ctl.next_used());
                 }

@@ -906,6 +906,38 @@ fn a_miss_the_frontend_cannot_map_stops_the_queue_once() {
     );
 }
 
+/// A lookup that changed the frontend's view without mapping the missing
+/// address (it dropped what the kernel no longer has): the worker takes
+/// the new view all the same, and the queue stops.
+#[test]
+fn a_changed_view_without_the_address_is_taken_and_the_queue_stops() {
+    let mut g = Guest::new();
+    let mut late = TestMem::new(LATE, 0x10000);
+    let mut q = qp();
+    // Both halves use the late mapping; the frontend then drops it.
+    g.view = with_late(&mut g, &mut late);
+    g.desc(true, 0, 0xdead_0000, 64, 0, 0);
+    g.publish(true, 0);
+    let without = Arc::new(g.mem.view());
+    let mut calls = 0;
+    run_with_miss(&mut g, &mut q, &mut |_, _| {
+        calls += 1;
+        Some(without.clone())
+    });
+    assert_eq!(calls, 1);
+    assert!(
+        g.view.translate(LATE, 1, Perm::Write).is_none(),
+        "the worker still maps what the frontend dropped"
+    );
+    assert!(matches!(
+        g.tx_ctl.borrow().broken,
+        Some(ChainError::BadAddress {
+            addr: 0xdead_0000,
+            ..
+        })
+    ));
+}
+
 #[test]
 fn nothing_is_looked_up_while_everything_is_mapped() {
     let mut g = Guest::new();

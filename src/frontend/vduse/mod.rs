@@ -289,24 +289,21 @@ impl<D: VduseDev> Shared<D> {
     /// lookup per miss, never one per round.
     pub(crate) fn miss_handler(self: &Arc<Self>) -> MissFn {
         let sh = Arc::downgrade(self);
-        Box::new(move |cur: &MemView, addr: u64| {
+        Box::new(move |_cur: &MemView, addr: u64| {
             let sh = sh.upgrade()?;
             let mut t = sh.iotlb.lock().unwrap();
-            if let Err(e) = t.update(&sh.dev, addr, addr) {
+            // Whatever changed goes to the worker, found or not: an entry
+            // the lookup dropped (the kernel no longer has it) must leave
+            // the worker's view too, or a later update of its range finds
+            // nothing to change and the worker keeps writing there. A
+            // failed lookup may have dropped entries as well.
+            let changed = t.update(&sh.dev, addr, addr).unwrap_or_else(|e| {
                 debug!("{}: IOTLB lookup of {addr:#x}: {e}", sh.name);
-                return None;
-            }
-            let v = t.view();
-            // A new view only if it maps `addr` differently: else the
-            // address is bad (or lacks the access needed) and the queue
-            // stops.
-            let differs = [Perm::Read, Perm::Write].into_iter().any(|p| {
-                let new = v.translate(addr, 1, p);
-                new.is_some() && new != cur.translate(addr, 1, p)
+                true
             });
-            differs.then(|| {
-                debug!("{}: IOVA {addr:#x} found on a miss", sh.name);
-                v
+            changed.then(|| {
+                debug!("{}: IOTLB changed on a miss at {addr:#x}", sh.name);
+                t.view()
             })
         })
     }
