@@ -32,6 +32,15 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
+/// The median of `a[i] / b[i]`: samples of the same repetition, taken
+/// minutes apart at most, so a host that slows down for a while slows
+/// both sides of each pair alike (the ratio of the medians mixes samples
+/// from different moments).
+pub fn paired_ratio(a: &[f64], b: &[f64]) -> f64 {
+    let r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+    median(&r)
+}
+
 /// The highest sample: on a shared machine the least disturbed one.
 pub fn best(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::NAN, f64::max)
@@ -171,19 +180,20 @@ impl Report<'_> {
             );
             let _ = writeln!(
             m,
-            "| scenario | queue pairs | frame (B) | vfrelay Mpps | DPDK Mpps | vfrelay / DPDK | best vfrelay / best DPDK | vfrelay samples | DPDK samples |"
+            "| scenario | queue pairs | frame (B) | vfrelay Mpps | DPDK Mpps | vfrelay / DPDK | median of per-repetition ratios | best vfrelay / best DPDK | vfrelay samples | DPDK samples |"
         );
-            let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|");
+            let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|---|");
             for p in points(&single) {
                 let _ = writeln!(
                     m,
-                    "| {} | {} | {} | {:.3} | {:.3} | {:.2} | {:.2} | {} | {} |",
+                    "| {} | {} | {} | {:.3} | {:.3} | {:.2} | {:.2} | {:.2} | {} | {} |",
                     p.scenario,
                     p.queues,
                     p.size,
                     median(&p.vfrelay),
                     median(&p.dpdk),
                     p.ratio(),
+                    paired_ratio(&p.vfrelay, &p.dpdk),
                     best(&p.vfrelay) / best(&p.dpdk),
                     list(&p.vfrelay),
                     list(&p.dpdk)
@@ -258,9 +268,9 @@ pub fn ports_markdown(res: &PortsResult) -> String {
     );
     let _ = writeln!(
         m,
-        "| ports | front ends | vfrelay --poll Mpps | DPDK Mpps | vfrelay / DPDK (medians) | vfrelay event Mpps | vfrelay --poll samples | DPDK samples | event samples | notes |"
+        "| ports | front ends | vfrelay --poll Mpps | DPDK Mpps | vfrelay / DPDK (medians) | median of per-repetition ratios | vfrelay event Mpps | vfrelay --poll samples | DPDK samples | event samples | notes |"
     );
-    let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(m, "|---|---|---|---|---|---|---|---|---|---|---|");
     let mut ns: Vec<usize> = Vec::new();
     for s in &res.samples {
         if !ns.contains(&s.ports) {
@@ -300,11 +310,12 @@ pub fn ports_markdown(res: &PortsResult) -> String {
         }
         let _ = writeln!(
             m,
-            "| {n} | {} | {} | {} | {:.2} | {} | {} | {} | {} | {} |",
+            "| {n} | {} | {} | {} | {:.2} | {:.2} | {} | {} | {} | {} | {} |",
             mine.first().map_or(0, |s| s.frontends),
             spread(&p),
             spread(&d),
             median(&p) / median(&d),
+            paired_ratio(&p, &d),
             spread(&e),
             list(&p),
             list(&d),
