@@ -77,9 +77,9 @@ impl Link {
     /// A guest config on vhost-user socket `sock` with `queues` pairs, MAC
     /// `mac` and this link's guest address.
     fn guest(&self, sock: &Path, queues: u16, mac: &str) -> GuestConfig {
-        let mut cfg = GuestConfig::vhost_user(sock, queues).ip(&format!("{}/24", self.guest_ip));
-        cfg.nets[0].1 = mac.to_string();
-        cfg
+        GuestConfig::vhost_user(sock, queues)
+            .ip(&format!("{}/24", self.guest_ip))
+            .mac(mac)
     }
 }
 

@@ -27,17 +27,10 @@ use common::vfrelay::Vfrelay;
 use common::{repo_root, run_ok, secs, wait_until, TempDir};
 use serde_json::Value;
 use std::io::Read;
-use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Instant;
 
 const DATAGRAMS: u64 = 10_000;
-
-fn guest_config(sock: &Path, ip: &str, mac: &str) -> GuestConfig {
-    let mut cfg = GuestConfig::vhost_user(sock, 1).ip(&format!("{ip}/24"));
-    cfg.nets[0].1 = mac.to_string();
-    cfg
-}
 
 /// Pings `to` from `g`: 56 and 1472 bytes, three each.
 fn ping(g: &mut Guest, to: &str) {
@@ -119,7 +112,13 @@ fn two_guests_on_a_switch_reach_each_other_and_the_uplink() {
     // One after the other: two TCG guests booting at once on two shared
     // cores only make each other slower.
     let mut guests: Vec<Guest> = (0..2)
-        .map(|i| Guest::boot(&guest_config(&socks[i], ips[i], macs[i])))
+        .map(|i| {
+            Guest::boot(
+                &GuestConfig::vhost_user(&socks[i], 1)
+                    .ip(&format!("{}/24", ips[i]))
+                    .mac(macs[i]),
+            )
+        })
         .collect();
     let (ga, gb) = guests.split_at_mut(1);
     let (a, b) = (&mut ga[0], &mut gb[0]);
@@ -348,7 +347,13 @@ fn vlan_ports_reach_only_their_own_vlan() {
         assert_eq!(out.trim(), format!("port {} added", names[i]));
     }
     let mut guests: Vec<Guest> = (0..2)
-        .map(|i| Guest::boot(&guest_config(&socks[i], ips[i], macs[i])))
+        .map(|i| {
+            Guest::boot(
+                &GuestConfig::vhost_user(&socks[i], 1)
+                    .ip(&format!("{}/24", ips[i]))
+                    .mac(macs[i]),
+            )
+        })
         .collect();
     let (ga, gb) = guests.split_at_mut(1);
     let (a, b) = (&mut ga[0], &mut gb[0]);

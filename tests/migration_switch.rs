@@ -31,12 +31,6 @@ const PING_INTERVAL: &str = "0.2";
 /// Lost pings allowed across the switch-over ("at most a few").
 const MAX_LOST: u64 = 10;
 
-fn guest_config(sock: &Path, ip: &str, mac: &str) -> GuestConfig {
-    let mut cfg = GuestConfig::vhost_user(sock, 1).ip(&format!("{ip}/24"));
-    cfg.nets[0].1 = mac.to_string();
-    cfg
-}
-
 fn add_port(d: &Vfrelay, name: &str, sock: &Path, mac: &str) {
     let out = d.ctl_ok(&[
         "port",
@@ -105,8 +99,16 @@ fn a_guest_migrates_between_daemons_while_another_pings_it() {
     add_port(&daemons[0], "p", &p_sock, P_MAC);
     add_port(&daemons[1], "g", &g_b, DEFAULT_MAC);
 
-    let mut g = Guest::boot(&guest_config(&g_a, G_IP, DEFAULT_MAC));
-    let mut p = Guest::boot(&guest_config(&p_sock, P_IP, P_MAC));
+    let mut g = Guest::boot(
+        &GuestConfig::vhost_user(&g_a, 1)
+            .ip(&format!("{}/24", G_IP))
+            .mac(DEFAULT_MAC),
+    );
+    let mut p = Guest::boot(
+        &GuestConfig::vhost_user(&p_sock, 1)
+            .ip(&format!("{}/24", P_IP))
+            .mac(P_MAC),
+    );
     let (st, out) = p.retry(&format!("ping -c 1 -W 2 {G_IP}"), secs(30));
     assert_eq!(st, 0, "P cannot reach G before the migration:\n{out}");
     assert_eq!(learned_on(&daemons[0], DEFAULT_MAC).as_deref(), Some("g"));
@@ -116,7 +118,11 @@ fn a_guest_migrates_between_daemons_while_another_pings_it() {
         "ping -i {PING_INTERVAL} {G_IP} > /tmp/ping.out 2>&1 & echo $! > /tmp/ping.pid"
     ));
     std::thread::sleep(Duration::from_secs(2));
-    let mut dest = Guest::incoming(&guest_config(&g_b, G_IP, DEFAULT_MAC));
+    let mut dest = Guest::incoming(
+        &GuestConfig::vhost_user(&g_b, 1)
+            .ip(&format!("{}/24", G_IP))
+            .mac(DEFAULT_MAC),
+    );
     let params = MigrateParams {
         max_bandwidth: 1 << 30,
         downtime_limit_ms: 300,

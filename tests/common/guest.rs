@@ -126,6 +126,12 @@ impl GuestConfig {
         self.append.push_str(&format!(" vfx.ip={cidr}"));
         self
     }
+
+    /// The first NIC's MAC address.
+    pub fn mac(mut self, mac: &str) -> Self {
+        self.nets[0].1 = mac.to_string();
+        self
+    }
 }
 
 /// Copies host program `bin` to `dir/root/<dest>` and the shared libraries
