@@ -125,14 +125,15 @@ fn miss_addr(e: &ChainError, mem: &MemView) -> Option<u64> {
     }
 }
 
-/// Whether `new` maps `addr` (for some access) where `old` did not map it
-/// the same: else the miss was a bad address or a lacking permission, and
-/// trying again would only fail again.
+/// Whether `new` maps `addr` for an access `old` did not map it for: else
+/// the miss was a bad address or a lacking permission, and trying again
+/// would only fail again. (Mapped in both, if elsewhere, is not new: an
+/// entry remapped on every lookup would otherwise be looked up every
+/// round.)
 fn newly_mapped(old: &MemView, new: &MemView, addr: u64) -> bool {
-    [Perm::Read, Perm::Write].into_iter().any(|p| {
-        let n = new.translate(addr, 1, p);
-        n.is_some() && n != old.translate(addr, 1, p)
-    })
+    [Perm::Read, Perm::Write]
+        .into_iter()
+        .any(|p| old.translate(addr, 1, p).is_none() && new.translate(addr, 1, p).is_some())
 }
 
 impl RingSlot {
@@ -589,6 +590,11 @@ impl QueuePair {
         handler: &mut dyn FnMut(&MemView, u64) -> Option<Arc<MemView>>,
     ) -> bool {
         let mut changed = false;
+        // The view the round ran under: a ring that missed there goes on if
+        // the view is now mapping its address, whichever ring's lookup
+        // brought that in (both may miss in one new mapping; the second
+        // lookup then finds nothing new).
+        let ran = mem.clone();
         let rings: [(&mut RingSlot, &mut dyn RingCtl, &str); 2] = [
             (&mut self.tx, tx, &self.tx_name),
             (&mut self.rx, rx, &self.rx_name),
@@ -598,13 +604,13 @@ impl QueuePair {
                 continue;
             };
             let mut found = None;
-            if let Some(a) = miss_addr(&e, mem) {
+            if let Some(a) = miss_addr(&e, &ran) {
                 if let Some(v) = handler(mem, a) {
-                    if newly_mapped(mem, &v, a) {
-                        found = Some(a);
-                    }
                     *mem = v;
                     changed = true;
+                }
+                if newly_mapped(&ran, mem, a) {
+                    found = Some(a);
                 }
             }
             match found {

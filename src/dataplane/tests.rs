@@ -938,6 +938,48 @@ fn a_changed_view_without_the_address_is_taken_and_the_queue_stops() {
     ));
 }
 
+/// TX and RX both miss in one mapping the frontend learns of late, in the
+/// same round (TX runs first: frame A goes to the backend, frame B's chain
+/// misses; RX then misses delivering A). The first lookup brings the
+/// mapping in, the second finds nothing new, and both rings go on.
+#[test]
+fn two_rings_missing_in_one_new_mapping_both_go_on() {
+    let mut g = Guest::new();
+    let mut late = TestMem::new(LATE, 0x10000);
+    let mut q = qp();
+    let (a, b) = (frame(200, 5), frame(300, 6));
+    g.send(&a);
+    let i = g.tx.next_desc;
+    late.write(LATE, &[0; 12]);
+    late.write(LATE + 64, &b);
+    g.desc(true, i, LATE, 12, VRING_DESC_F_NEXT, i + 1);
+    g.desc(true, i + 1, LATE + 64, b.len() as u32, 0, 0);
+    g.publish(true, i);
+    g.desc(false, 0, LATE + 0x8000, 2048, VRING_DESC_F_WRITE, 0);
+    g.desc(false, 1, LATE + 0x9000, 2048, VRING_DESC_F_WRITE, 0);
+    g.publish(false, 0);
+    g.publish(false, 1);
+    let full = with_late(&mut g, &mut late);
+    let mut calls = Vec::new();
+    run_with_miss(&mut g, &mut q, &mut |_, addr| {
+        calls.push(addr);
+        (calls.len() == 1).then(|| full.clone())
+    });
+    assert_eq!(calls, vec![LATE, LATE + 0x8000], "each ring looked up once");
+    assert_eq!(g.tx_ctl.borrow().broken, None);
+    assert_eq!(
+        g.rx_ctl.borrow().broken,
+        None,
+        "RX stopped: its lookup found nothing new"
+    );
+    assert_eq!(q.stats.chain_errors, 0);
+    assert_eq!(g.used(true).len(), 2);
+    let used = g.used(false);
+    assert_eq!(used.len(), 2, "both frames delivered");
+    assert_eq!(late.read(LATE + 0x8000 + 12, a.len()), &swapped(&a)[..]);
+    assert_eq!(late.read(LATE + 0x9000 + 12, b.len()), &swapped(&b)[..]);
+}
+
 #[test]
 fn nothing_is_looked_up_while_everything_is_mapped() {
     let mut g = Guest::new();

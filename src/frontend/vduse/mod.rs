@@ -175,8 +175,9 @@ pub(crate) struct Shared<D: VduseDev = Device> {
     qp: QpRef,
     state: Mutex<State>,
     /// The IOTLB as mapped here. Its own lock, never held while waiting for
-    /// the worker: the worker takes it on a miss ([`Shared::miss_handler`]).
-    iotlb: Mutex<iotlb::Table>,
+    /// the worker: the worker takes it on a miss ([`Shared::miss_handler`])
+    /// and to build the view a refresh hands it ([`Shared::refresh_view`]).
+    iotlb: Arc<Mutex<iotlb::Table>>,
     /// Our record of the device (kept up to date with the driver's status,
     /// for a vfrelay that takes the device over after a crash).
     store: state::Store,
@@ -241,7 +242,7 @@ impl<D: VduseDev> Shared<D> {
                 started: false,
                 status: 0,
             }),
-            iotlb: Mutex::new(iotlb::Table::default()),
+            iotlb: Arc::new(Mutex::new(iotlb::Table::default())),
             store,
             record: Mutex::new(record),
             kicks: [efd()?, efd()?],
@@ -269,18 +270,18 @@ impl<D: VduseDev> Shared<D> {
     /// of it). Returns once the worker uses it: the kernel may reuse what
     /// was unmapped as soon as we answer.
     fn refresh_view(&self, start: u64, last: u64) {
-        let v = {
-            let mut t = self.iotlb.lock().unwrap();
-            match t.update(&self.dev, start, last) {
-                // Nothing to hand over (vhost-vdpa sends an update of the
-                // whole range for every map and unmap).
-                Ok(false) => return,
-                Ok(true) => {}
-                Err(e) => error!("{}: reading the IOTLB: {e}", self.name),
-            }
-            t.view()
-        };
-        self.qp.apply(move |s| s.mem = v);
+        match self.iotlb.lock().unwrap().update(&self.dev, start, last) {
+            // Nothing to hand over (vhost-vdpa sends an update of the
+            // whole range for every map and unmap).
+            Ok(false) => return,
+            Ok(true) => {}
+            Err(e) => error!("{}: reading the IOTLB: {e}", self.name),
+        }
+        // The view is made on the worker: a miss it resolves before this
+        // command runs may change the table again, and a view made here
+        // now would undo that change when it arrived.
+        let table = self.iotlb.clone();
+        self.qp.apply(move |s| s.mem = table.lock().unwrap().view());
     }
 
     /// Asked by the worker when a ring finds an address outside its view:
@@ -302,8 +303,19 @@ impl<D: VduseDev> Shared<D> {
                 true
             });
             changed.then(|| {
-                debug!("{}: IOTLB changed on a miss at {addr:#x}", sh.name);
-                t.view()
+                let v = t.view();
+                if [Perm::Read, Perm::Write]
+                    .into_iter()
+                    .any(|p| v.translate(addr, 1, p).is_some())
+                {
+                    debug!("{}: IOVA {addr:#x} found on a miss", sh.name);
+                } else {
+                    debug!(
+                        "{}: IOTLB changed on a miss at {addr:#x}, which it does not map",
+                        sh.name
+                    );
+                }
+                v
             })
         })
     }
