@@ -107,10 +107,20 @@ struct RingSlot {
 }
 
 /// Where a ring or buffer address was missing from the view, if that is
-/// why `e` stopped the queue.
-fn miss_addr(e: &ChainError, mem: &MemView) -> Option<u64> {
+/// why `e` stopped the queue; `need`: the access the ring's buffers need.
+fn miss_addr(e: &ChainError, mem: &MemView, need: Perm) -> Option<u64> {
     match *e {
-        ChainError::BadAddress { addr, .. } => Some(addr),
+        // The first byte the view lacks, not the buffer's start: a buffer
+        // may run from a mapping the view has into one added since, and a
+        // lookup of its start would find only the first. (An indirect
+        // table is read whatever the ring, hence Read after `need`.)
+        ChainError::BadAddress { addr, len } => {
+            let end = addr.saturating_add(len as u64);
+            let first = [need, Perm::Read]
+                .into_iter()
+                .find_map(|p| first_unmapped(mem, addr, end, p));
+            Some(first.unwrap_or(addr))
+        }
         ChainError::BadRing {
             desc, avail, used, ..
         } => [
@@ -123,6 +133,18 @@ fn miss_addr(e: &ChainError, mem: &MemView) -> Option<u64> {
         .map(|(a, _)| a),
         _ => None,
     }
+}
+
+/// The first byte of `[addr, end)` that `mem` does not map for `need`.
+fn first_unmapped(mem: &MemView, addr: u64, end: u64, need: Perm) -> Option<u64> {
+    let mut a = addr;
+    while a < end {
+        match mem.translate_prefix(a, end - a, need) {
+            Some((_, n)) => a += n,
+            None => return Some(a),
+        }
+    }
+    None
 }
 
 /// Whether `new` maps `addr` for an access `old` did not map it for: else
@@ -595,16 +617,16 @@ impl QueuePair {
         // brought that in (both may miss in one new mapping; the second
         // lookup then finds nothing new).
         let ran = mem.clone();
-        let rings: [(&mut RingSlot, &mut dyn RingCtl, &str); 2] = [
-            (&mut self.tx, tx, &self.tx_name),
-            (&mut self.rx, rx, &self.rx_name),
+        let rings: [(&mut RingSlot, &mut dyn RingCtl, &str, Perm); 2] = [
+            (&mut self.tx, tx, &self.tx_name, Perm::Read),
+            (&mut self.rx, rx, &self.rx_name, Perm::Write),
         ];
-        for (slot, ctl, what) in rings {
+        for (slot, ctl, what, need) in rings {
             let Some(e) = slot.missed.take() else {
                 continue;
             };
             let mut found = None;
-            if let Some(a) = miss_addr(&e, &ran) {
+            if let Some(a) = miss_addr(&e, &ran, need) {
                 if let Some(v) = handler(mem, a) {
                     *mem = v;
                     changed = true;

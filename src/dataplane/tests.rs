@@ -791,16 +791,23 @@ fn a_restarted_back_end_resumes_at_the_used_ring() {
 /// `g`'s memory plus `late`: a mapping the frontend learns of only when a
 /// ring misses it (VDUSE's bounce map).
 fn with_late(g: &mut Guest, late: &mut TestMem) -> Arc<MemView> {
+    with_mems(g, &mut [late])
+}
+
+/// `g`'s memory plus each of `mems`.
+fn with_mems(g: &mut Guest, mems: &mut [&mut TestMem]) -> Arc<MemView> {
     let mut v = g.mem.view();
-    // SAFETY: the tests keep `late` alive while they use the view.
-    assert!(unsafe {
-        v.add(
-            late.base,
-            late.buf.len() as u64,
-            late.buf.as_mut_ptr(),
-            Perm::ReadWrite,
-        )
-    });
+    for m in mems {
+        // SAFETY: the tests keep `m` alive while they use the view.
+        assert!(unsafe {
+            v.add(
+                m.base,
+                m.buf.len() as u64,
+                m.buf.as_mut_ptr(),
+                Perm::ReadWrite,
+            )
+        });
+    }
     Arc::new(v)
 }
 
@@ -978,6 +985,42 @@ fn two_rings_missing_in_one_new_mapping_both_go_on() {
     assert_eq!(used.len(), 2, "both frames delivered");
     assert_eq!(late.read(LATE + 0x8000 + 12, a.len()), &swapped(&a)[..]);
     assert_eq!(late.read(LATE + 0x9000 + 12, b.len()), &swapped(&b)[..]);
+}
+
+/// A TX buffer that runs from a mapping the view has into one the
+/// frontend learns of late: the lookup is of the first byte the view
+/// lacks (a lookup of the buffer's start would find only what is mapped).
+#[test]
+fn a_buffer_running_into_a_late_mapping_is_looked_up_where_it_misses() {
+    const EARLY: u64 = LATE - 0x10000;
+    let mut g = Guest::new();
+    let mut early = TestMem::new(EARLY, 0x10000);
+    let mut late = TestMem::new(LATE, 0x10000);
+    let mut q = qp();
+    let rxbuf = g.post_rx(2048);
+    let f = frame(400, 7);
+    // Header and the first 100 bytes in `early`, the rest in `late`.
+    let at = LATE - 112;
+    early.write(at, &[0; 12]);
+    early.write(at + 12, &f[..100]);
+    late.write(LATE, &f[100..]);
+    g.desc(true, 0, at, 12 + f.len() as u32, 0, 0);
+    g.publish(true, 0);
+    g.view = with_late(&mut g, &mut early);
+    let full = with_mems(&mut g, &mut [&mut early, &mut late]);
+    let mut calls = Vec::new();
+    run_with_miss(&mut g, &mut q, &mut |cur, addr| {
+        calls.push(addr);
+        // As the kernel's table: an entry is found only where it is.
+        (addr >= LATE && cur.translate(addr, 1, Perm::Read).is_none()).then(|| full.clone())
+    });
+    assert_eq!(
+        calls,
+        vec![LATE],
+        "looked up where the buffer leaves the view"
+    );
+    assert_eq!(g.tx_ctl.borrow().broken, None);
+    assert_eq!(g.mem.read(rxbuf + 12, f.len()), &swapped(&f)[..]);
 }
 
 #[test]
