@@ -556,13 +556,7 @@ impl Daemon {
         let front = match front {
             Ok(f) => f,
             Err(e) => {
-                if let Some((sw, m)) = &member {
-                    sw.leave(*m);
-                }
-                remove_qps(&qps);
-                if let Some((sw, m)) = &member {
-                    sw.forget(*m);
-                }
+                stop_port(member.as_ref(), &qps);
                 return Err(RpcError::failed(e));
             }
         };
@@ -605,18 +599,8 @@ impl Daemon {
                 .unwrap_or_else(|e| e.into_inner())
                 .retain(|(n, _)| n != name);
         }
-        // Nobody sends to it any more; then the queue pairs leave their
-        // workers (backends close) before the frontend's last resources go.
-        let member = p.member.take();
-        if let Some((sw, m)) = &member {
-            sw.leave(*m);
-        }
-        remove_qps(&p.qps);
-        // Again: its queue pairs may have learned between the two, and its
-        // number is free for the next port from here on.
-        if let Some((sw, m)) = &member {
-            sw.forget(*m);
-        }
+        // Before the frontend's last resources go.
+        stop_port(p.member.take().as_ref(), &p.qps);
         p.front = None;
         info!("{name}: port deleted");
         Ok(())
@@ -810,11 +794,21 @@ impl Daemon {
 
 /// Take queue pairs off their workers. A shared RX ring is stopped too: a
 /// sender still holding the old member list finds no ring to write to.
-fn remove_qps(qps: &[QpRef]) {
+/// A port leaves its switch, if on one (nobody sends to it any more),
+/// then its queue pairs leave their workers (backends close); then what
+/// its pairs learned meanwhile is forgotten, so its member number is free
+/// for the next port.
+fn stop_port(member: Option<&(Arc<Switch>, u16)>, qps: &[QpRef]) {
+    if let Some((sw, m)) = member {
+        sw.leave(*m);
+    }
     for q in qps {
         if let Some(mut slot) = q.worker.remove(q.key) {
             slot.with_rx(|s| s.reset());
         }
+    }
+    if let Some((sw, m)) = member {
+        sw.forget(*m);
     }
 }
 

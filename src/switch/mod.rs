@@ -209,7 +209,7 @@ impl Switch {
                 *x = None;
             }
         });
-        self.table.forget_port(id);
+        self.forget(id);
     }
 
     /// Forget what was learned on member number `id` (after its queue
