@@ -91,12 +91,11 @@ pub struct Daemon {
     epoll: Epoll,
     control: Option<rpc::ControlServer>,
     state: Option<state::StateFile>,
-    /// Saved ports that could not be rebuilt at start, with why: kept in
-    /// the state file (the next start tries again; a backend device may
-    /// simply not be there yet) until `port_add` or `port_del` names them.
-    unrestored: Vec<(String, Value, String)>,
-    /// The same for switches (name, `switch_add` params).
-    unrestored_switches: Vec<(String, Value)>,
+    /// Saved ports that could not be rebuilt at start, kept until
+    /// `port_add` or `port_del` names them.
+    unrestored: Unrestored,
+    /// The same for switches (`switch_add`, `switch_del`).
+    unrestored_switches: Unrestored,
     /// What the metrics thread reads, if it runs.
     metrics: Option<metrics::Table>,
 }
@@ -149,8 +148,8 @@ impl Daemon {
             epoll,
             control,
             state: None,
-            unrestored: Vec::new(),
-            unrestored_switches: Vec::new(),
+            unrestored: Unrestored::default(),
+            unrestored_switches: Unrestored::default(),
             metrics: None,
         };
         if let Some(addr) = &opts.metrics {
@@ -212,7 +211,7 @@ impl Daemon {
                          `vfrelay switch del {name}` forgets it)",
                         e.message
                     );
-                    self.unrestored_switches.push((name, params));
+                    self.unrestored_switches.keep(name, params);
                 }
             }
         }
@@ -226,7 +225,7 @@ impl Daemon {
                          `vfrelay port del {name}` forgets it)",
                         e.message
                     );
-                    self.unrestored.push((name, params, e.message));
+                    self.unrestored.keep(name, params);
                 }
             }
         }
@@ -247,7 +246,7 @@ impl Daemon {
                 }
                 v
             })
-            .chain(self.unrestored_switches.iter().map(|(_, v)| v.clone()))
+            .chain(self.unrestored_switches.params())
             .collect();
         let ports: Vec<Value> = self
             .ports
@@ -258,7 +257,7 @@ impl Daemon {
                 spec.mac = Some(p.mac);
                 spec.to_params()
             })
-            .chain(self.unrestored.iter().map(|(_, v, _)| v.clone()))
+            .chain(self.unrestored.params())
             .collect();
         file.save(&switches, &ports)
     }
@@ -792,12 +791,40 @@ impl Daemon {
     }
 }
 
-/// Take queue pairs off their workers. A shared RX ring is stopped too: a
-/// sender still holding the old member list finds no ring to write to.
+/// Entries of the state file (name, params) that could not be rebuilt at
+/// start: kept in the file (the next start tries again; a backend or
+/// uplink device may simply not be there yet) until an add or delete of
+/// that name replaces or forgets them.
+#[derive(Default)]
+struct Unrestored(Vec<(String, Value)>);
+
+impl Unrestored {
+    fn keep(&mut self, name: String, params: Value) {
+        self.0.push((name, params));
+    }
+
+    /// Removes `name`'s entry, returning it (to put back if what replaces
+    /// it is not kept after all).
+    fn take(&mut self, name: &str) -> Option<(String, Value)> {
+        let i = self.0.iter().position(|(n, _)| n == name)?;
+        Some(self.0.remove(i))
+    }
+
+    fn put_back(&mut self, entry: Option<(String, Value)>) {
+        self.0.extend(entry);
+    }
+
+    /// The params, as the state file keeps them.
+    fn params(&self) -> impl Iterator<Item = Value> + '_ {
+        self.0.iter().map(|(_, v)| v.clone())
+    }
+}
+
 /// A port leaves its switch, if on one (nobody sends to it any more),
-/// then its queue pairs leave their workers (backends close); then what
-/// its pairs learned meanwhile is forgotten, so its member number is free
-/// for the next port.
+/// then its queue pairs leave their workers (backends close; a shared RX
+/// ring is stopped too, so a sender still holding the old member list
+/// finds no ring to write to); then what its pairs learned meanwhile is
+/// forgotten, so its member number is free for the next port.
 fn stop_port(member: Option<&(Arc<Switch>, u16)>, qps: &[QpRef]) {
     if let Some((sw, m)) = member {
         sw.leave(*m);
@@ -820,28 +847,22 @@ impl rpc::Handler for Daemon {
                 let name = spec.name.clone();
                 let added = self.add_port(spec)?;
                 // A saved port that was not restored is replaced by this one.
-                let replaced = self
-                    .unrestored
-                    .iter()
-                    .position(|(n, _, _)| *n == name)
-                    .map(|i| self.unrestored.remove(i));
+                let replaced = self.unrestored.take(&name);
                 if let Err(e) = self.persist() {
                     // Not kept, so not made: a restart would lose it.
                     self.del_port(&name).ok();
-                    self.unrestored.extend(replaced);
+                    self.unrestored.put_back(replaced);
                     return Err(RpcError::failed(format!("port '{name}' not added: {e}")));
                 }
                 Ok(added)
             }
             "port_del" => {
                 let name = rpc::require(rpc::param_str(params, "name")?, "name")?;
-                let saved_only = self.unrestored.iter().position(|(n, _, _)| n == name);
-                match saved_only {
-                    Some(i) if !self.ports.iter().any(|p| p.spec.name == name) => {
-                        self.unrestored.remove(i);
-                        info!("{name}: forgotten (it was never restored)");
-                    }
-                    _ => self.del_port(name)?,
+                let live = self.ports.iter().any(|p| p.spec.name == name);
+                if !live && self.unrestored.take(name).is_some() {
+                    info!("{name}: forgotten (it was never restored)");
+                } else {
+                    self.del_port(name)?;
                 }
                 self.persist()
                     .map_err(|e| RpcError::failed(format!("port '{name}' deleted, but {e}")))?;
@@ -856,27 +877,21 @@ impl rpc::Handler for Daemon {
                 let added = self.switch_add_params(params)?;
                 let name = added["name"].as_str().unwrap_or("").to_string();
                 // A saved switch that was not restored is replaced by this one.
-                let replaced = self
-                    .unrestored_switches
-                    .iter()
-                    .position(|(n, _)| *n == name)
-                    .map(|i| self.unrestored_switches.remove(i));
+                let replaced = self.unrestored_switches.take(&name);
                 if let Err(e) = self.persist() {
                     self.del_switch(&name).ok();
-                    self.unrestored_switches.extend(replaced);
+                    self.unrestored_switches.put_back(replaced);
                     return Err(RpcError::failed(format!("switch '{name}' not added: {e}")));
                 }
                 Ok(added)
             }
             "switch_del" => {
                 let name = rpc::require(rpc::param_str(params, "name")?, "name")?;
-                let saved_only = self.unrestored_switches.iter().position(|(n, _)| n == name);
-                match saved_only {
-                    Some(i) if !self.switches.iter().any(|e| e.sw.name == name) => {
-                        self.unrestored_switches.remove(i);
-                        info!("switch {name}: forgotten (it was never restored)");
-                    }
-                    _ => self.del_switch(name)?,
+                let live = self.switches.iter().any(|e| e.sw.name == name);
+                if !live && self.unrestored_switches.take(name).is_some() {
+                    info!("switch {name}: forgotten (it was never restored)");
+                } else {
+                    self.del_switch(name)?;
                 }
                 self.persist()
                     .map_err(|e| RpcError::failed(format!("switch '{name}' deleted, but {e}")))?;
