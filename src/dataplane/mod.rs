@@ -283,8 +283,8 @@ impl RingSlot {
             if notify {
                 ctl.signal();
             }
-            ctl.set_next_avail(r.last_avail);
-            ctl.set_next_used(r.next_used);
+            ctl.set_next_avail(r.last_avail());
+            ctl.set_next_used(r.next_used());
         }
     }
 }

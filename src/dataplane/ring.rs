@@ -333,6 +333,29 @@ pub struct RingAddrs {
     pub size: u16,
 }
 
+/// A free-running 16-bit ring index, stored in 32 bits. As `u16` fields,
+/// the indices were stored with 16-bit moves (`pop`, `put_used`) and read
+/// back with 32-bit ones (LLVM widens a load whose upper half is unused).
+/// A load wider than the store before it cannot take its value from the
+/// store buffer: it waits until that store, and every older one, is in the
+/// cache, and older stores include used entries and guest buffers on lines
+/// the guest's core holds. The next `pop` waited on them every frame. A
+/// 32-bit store covers every load of the index.
+#[derive(Clone, Copy, Default)]
+struct Idx(u32);
+
+impl Idx {
+    #[inline(always)]
+    fn get(self) -> u16 {
+        self.0 as u16
+    }
+
+    #[inline(always)]
+    fn set(&mut self, v: u16) {
+        self.0 = u32::from(v);
+    }
+}
+
 /// A split ring translated into host pointers.
 pub struct SplitRing {
     pub addrs: RingAddrs,
@@ -342,13 +365,13 @@ pub struct SplitRing {
     pub event_idx: bool,
     pub indirect: bool,
     /// Next avail entry to consume (the vhost "ring base").
-    pub last_avail: u16,
+    last_avail: Idx,
     /// Next used entry to fill; published to the guest by `publish_used`.
-    pub next_used: u16,
+    next_used: Idx,
     /// Used index the guest last saw (for EVENT_IDX interrupt suppression).
-    signalled_used: u16,
+    signalled_used: Idx,
     /// Cached avail->idx, refreshed when we run out.
-    avail_cache: u16,
+    avail_cache: Idx,
     /// The memory region the last buffer was in: most buffers of a queue
     /// come from one pool, so `pop` checks this before searching the
     /// table. A ring lives no longer than the MemView it was translated
@@ -410,10 +433,10 @@ impl SplitRing {
             used,
             event_idx: false,
             indirect: false,
-            last_avail: 0,
-            next_used: 0,
-            signalled_used: 0,
-            avail_cache: 0,
+            last_avail: Idx::default(),
+            next_used: Idx::default(),
+            signalled_used: Idx::default(),
+            avail_cache: Idx::default(),
             hot: Region::NONE,
         })
     }
@@ -475,14 +498,16 @@ impl SplitRing {
     /// Number of chains the guest has made available that we have not
     /// consumed. Checks the index is sane.
     pub fn pending(&mut self) -> Result<u16, ChainError> {
-        let mut ahead = self.avail_cache.wrapping_sub(self.last_avail);
+        let last = self.last_avail.get();
+        let mut ahead = self.avail_cache.get().wrapping_sub(last);
         if ahead == 0 {
-            self.avail_cache = self.avail_idx();
-            ahead = self.avail_cache.wrapping_sub(self.last_avail);
+            let avail = self.avail_idx();
+            self.avail_cache.set(avail);
+            ahead = avail.wrapping_sub(last);
             if ahead > self.size() {
                 return Err(ChainError::AvailIndex {
-                    avail: self.avail_cache,
-                    last: self.last_avail,
+                    avail,
+                    last,
                     ahead,
                     size: self.size(),
                 });
@@ -494,7 +519,22 @@ impl SplitRing {
     /// Un-consume the last `n` popped chains (their used entries were not
     /// written): the backend or a frame could not take them after all.
     pub fn unpop(&mut self, n: u16) {
-        self.last_avail = self.last_avail.wrapping_sub(n);
+        self.last_avail.set(self.last_avail.get().wrapping_sub(n));
+    }
+
+    /// Take back the last `n` used entries written and not yet published.
+    pub fn unput(&mut self, n: u16) {
+        self.next_used.set(self.next_used.get().wrapping_sub(n));
+    }
+
+    /// Next avail entry to consume (the vhost "ring base").
+    pub fn last_avail(&self) -> u16 {
+        self.last_avail.get()
+    }
+
+    /// Next used entry to fill.
+    pub fn next_used(&self) -> u16 {
+        self.next_used.get()
     }
 
     /// Pop the next chain into `out`. Caller checked `pending() > 0`.
@@ -508,12 +548,13 @@ impl SplitRing {
         out: &mut Chain,
     ) -> Result<(), ChainError> {
         let size = self.size();
-        let slot = self.slot(self.last_avail);
+        let last = self.last_avail.get();
+        let slot = self.slot(last);
         // SAFETY: slot < size; the avail ring was translated for 4 + 2*size bytes.
         let head = self
             .u16_at(unsafe { self.avail.add(4 + 2 * slot) })
             .load(Ordering::Relaxed);
-        self.last_avail = self.last_avail.wrapping_add(1);
+        self.last_avail.set(last.wrapping_add(1));
         out.clear();
         out.head = head;
         if head >= size {
@@ -650,7 +691,7 @@ impl SplitRing {
     /// and in range. A hint only: nothing read here is trusted or kept.
     #[inline]
     fn peek_desc(&self, ahead: u16) -> Option<*const u8> {
-        let slot = self.slot(self.last_avail.wrapping_add(ahead));
+        let slot = self.slot(self.last_avail.get().wrapping_add(ahead));
         // SAFETY: slot < size; the avail ring was translated for 4 + 2*size bytes.
         let head = self
             .u16_at(unsafe { self.avail.add(4 + 2 * slot) })
@@ -695,7 +736,7 @@ impl SplitRing {
     /// reads those lines on its core, so the first store to each one misses;
     /// met one by one inside the burst, those stores hold up every later
     /// store, and the TX loop's hottest spot was a load waiting for them
-    /// (`pop` reading back `last_avail`, which cannot be store-forwarded).
+    /// (`pop` reading back `last_avail`, until [`Idx`] let it be store-forwarded).
     /// Call only when `n` entries will be written soon: a line taken from
     /// the guest too early costs the guest a miss instead.
     #[inline]
@@ -708,7 +749,7 @@ impl SplitRing {
         // Whole cache lines by address: a prefetch never faults, and every
         // line touched holds at least one byte of the used ring.
         let base = self.used as usize;
-        let (head, tail) = used_spans(self.size(), self.next_used, n);
+        let (head, tail) = used_spans(self.size(), self.next_used.get(), n);
         for (from, to) in std::iter::once(head).chain(tail) {
             let mut line = (base + from) & !63;
             while line <= base + to {
@@ -720,7 +761,8 @@ impl SplitRing {
 
     /// Write a used entry (not yet visible: see `publish_used`).
     pub fn put_used(&mut self, head: u16, len: u32) {
-        let slot = self.slot(self.next_used);
+        let next = self.next_used.get();
+        let slot = self.slot(next);
         // SAFETY: slot < size; the used ring was translated for 6 + 8*size
         // bytes and is 4-aligned (checked in new). Volatile stores, each
         // done once, into memory the guest reads concurrently.
@@ -729,7 +771,7 @@ impl SplitRing {
             std::ptr::write_volatile(e, (head as u32).to_le());
             std::ptr::write_volatile(e.add(1), len.to_le());
         }
-        self.next_used = self.next_used.wrapping_add(1);
+        self.next_used.set(next.wrapping_add(1));
     }
 
     /// Make all written used entries visible and say whether the guest wants
@@ -743,7 +785,7 @@ impl SplitRing {
     /// was anything to publish: None if not, else whether to interrupt.
     pub fn publish(&mut self) -> Option<bool> {
         let old = self.used_idx();
-        let new = self.next_used;
+        let new = self.next_used.get();
         if old == new {
             return None;
         }
@@ -755,8 +797,8 @@ impl SplitRing {
         fence(Ordering::SeqCst);
         if self.event_idx {
             let ev = self.used_event();
-            let old_sig = self.signalled_used;
-            self.signalled_used = new;
+            let old_sig = self.signalled_used.get();
+            self.signalled_used.set(new);
             // vring_need_event: the guest asked for an interrupt once used
             // passes `ev`; did we pass it since we last signalled?
             Some(new.wrapping_sub(ev).wrapping_sub(1) < new.wrapping_sub(old_sig))
@@ -768,7 +810,7 @@ impl SplitRing {
     /// Ask the guest to kick us when it adds buffers (event mode, idle).
     pub fn enable_kicks(&mut self) {
         if self.event_idx {
-            self.set_avail_event(self.last_avail);
+            self.set_avail_event(self.last_avail.get());
         } else {
             self.set_used_flags(0);
         }
@@ -782,7 +824,7 @@ impl SplitRing {
         if self.event_idx {
             // A stale avail_event behind the guest's index means no kicks
             // until it wraps all the way round.
-            self.set_avail_event(self.last_avail.wrapping_sub(1));
+            self.set_avail_event(self.last_avail.get().wrapping_sub(1));
         } else {
             self.set_used_flags(VRING_USED_F_NO_NOTIFY);
         }
@@ -791,10 +833,10 @@ impl SplitRing {
     /// Re-sync after the frontend set the ring base (or on first use):
     /// consumed entries from `last_avail`, used from guest memory.
     pub fn sync(&mut self, last_avail: u16, next_used: u16) {
-        self.last_avail = last_avail;
-        self.avail_cache = last_avail;
-        self.next_used = next_used;
-        self.signalled_used = next_used;
+        self.last_avail.set(last_avail);
+        self.avail_cache.set(last_avail);
+        self.next_used.set(next_used);
+        self.signalled_used.set(next_used);
     }
 }
 

@@ -321,7 +321,7 @@ pub fn deliver(
     // this frame already filled must not be published with it (a truncated
     // frame, num_buffers still 1).
     let abandon = |ring: &mut SplitRing, used: u16, e: ChainError| {
-        ring.next_used = ring.next_used.wrapping_sub(used);
+        ring.unput(used);
         Err(e)
     };
     while used == 0 || !header_left.is_empty() || data.len() > 0 {
@@ -333,7 +333,7 @@ pub fn deliver(
             // Roll back: the chains popped for this frame stay available
             // and their unpublished used entries are overwritten later.
             ring.unpop(used);
-            ring.next_used = ring.next_used.wrapping_sub(used);
+            ring.unput(used);
             return Ok(Delivery::NoRoom);
         }
         ring.prefetch(pending, true, 0);

@@ -280,7 +280,7 @@ impl Fuzz {
             let new = Self::read_u16(&self.a, self.addrs.avail + 2);
             let size = self.size();
             if new.wrapping_sub(self.guest_avail) > size
-                || new.wrapping_sub(self.ring.last_avail) > size
+                || new.wrapping_sub(self.ring.last_avail()) > size
             {
                 self.idx_sane = false;
             }
@@ -311,7 +311,7 @@ impl Fuzz {
     fn pop(&mut self, writable: bool, max_len: u64, prefetch: Option<usize>) -> bool {
         let size = self.size();
         assert_eq!(
-            self.ring.last_avail,
+            self.ring.last_avail(),
             self.q.next_avail(),
             "positions differ"
         );
@@ -362,7 +362,7 @@ impl Fuzz {
             self.q.set_next_avail(self.q.next_avail().wrapping_add(1));
             None
         };
-        assert_eq!(self.ring.last_avail, self.q.next_avail());
+        assert_eq!(self.ring.last_avail(), self.q.next_avail());
         let Some(rc) = reference else {
             return self.popped(got.is_ok());
         };
@@ -523,7 +523,7 @@ impl Fuzz {
             self.in_order = false;
         }
         let p = self.outstanding.remove(pick);
-        let slot = self.ring.next_used & (self.size() - 1);
+        let slot = self.ring.next_used() & (self.size() - 1);
         self.ring.put_used(p.head, len);
         self.mirror(self.addrs.used + 4 + 8 * slot as u64, 8);
         self.unpublished.push((p.id, p.head, len));
@@ -556,12 +556,12 @@ impl Fuzz {
         }
         self.unpublished
             .truncate(self.unpublished.len() - puts.len());
-        self.ring.next_used = self.ring.next_used.wrapping_sub(puts.len() as u16);
+        self.ring.unput(puts.len() as u16);
         self.ring.unpop(n as u16);
         for _ in 0..n {
             self.q.go_to_previous_position();
         }
-        if self.guest_avail.wrapping_sub(self.ring.last_avail) > self.size() {
+        if self.guest_avail.wrapping_sub(self.ring.last_avail()) > self.size() {
             self.idx_sane = false;
         }
         self.recent.truncate(self.recent.len() - n);
@@ -577,7 +577,7 @@ impl Fuzz {
             return;
         }
         self.unpublished.truncate(self.unpublished.len() - k);
-        self.ring.next_used = self.ring.next_used.wrapping_sub(k as u16);
+        self.ring.unput(k as u16);
         self.recent.clear();
         // Those chains stay taken with no used entry: later ones would be
         // used out of order.
@@ -597,8 +597,8 @@ impl Fuzz {
         self.recent.clear();
         let after = Self::read_u16(&self.a, used + 2);
         if !self.used_scribbled {
-            assert_eq!(after, self.ring.next_used);
-            assert_eq!(self.q.next_used(), self.ring.next_used);
+            assert_eq!(after, self.ring.next_used());
+            assert_eq!(self.q.next_used(), self.ring.next_used());
             let moved = after.wrapping_sub(before);
             assert_eq!(
                 moved as usize,
@@ -682,7 +682,7 @@ impl Fuzz {
                 // Deliberate: a stale avail_event, where the reference
                 // leaves it as it was.
                 let ev = Self::read_u16(&self.a, event);
-                assert_eq!(ev, self.ring.last_avail.wrapping_sub(1));
+                assert_eq!(ev, self.ring.last_avail().wrapping_sub(1));
                 self.mirror(event, 2);
             } else {
                 self.q.disable_notification(&self.b).unwrap();
@@ -743,8 +743,8 @@ impl Fuzz {
             eprintln!(
                 "op {op}: last_avail {} next_used {} guest_avail {} outstanding {} unpublished {} \
                  owners_ok {} idx_sane {} used_scribbled {}",
-                self.ring.last_avail,
-                self.ring.next_used,
+                self.ring.last_avail(),
+                self.ring.next_used(),
                 self.guest_avail,
                 self.outstanding.len(),
                 self.unpublished.len(),
