@@ -283,7 +283,13 @@ pub fn deliver(
     // into memcpy (a tenth of a 64 B frame's time on a switch).
     let mut h = *hdr;
     if hdr_len == VNET_HDR_LEN {
-        h[10..12].copy_from_slice(&1u16.to_le_bytes());
+        // Bytes 8..12 patched as one 4-byte word: a 2-byte store of
+        // num_buffers alone, read back by the 4-byte load comparing the
+        // header with the guest's, could not be store-forwarded and waited
+        // for every older store (guest buffers, used entries) to reach the
+        // cache; a fifth of deliver's samples sat there.
+        let w = u32::from_le_bytes([h[8], h[9], h[10], h[11]]) & 0xffff | 1 << 16;
+        h[8..12].copy_from_slice(&w.to_le_bytes());
     }
     if !mrg {
         let total = hdr_len + data.len();
