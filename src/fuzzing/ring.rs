@@ -638,9 +638,8 @@ impl Fuzz {
             }
         }
         if self.used_scribbled {
-            // Deliberate: vfrelay publishes whenever the index in memory is
-            // not its own, so it also rewrites an index the guest
-            // scribbled on; the reference writes it only with an entry.
+            // vfrelay writes the index only with an entry, as the
+            // reference does, but then its own value over the guest's.
             self.mirror(used + 2, 2);
         }
         if std::mem::take(&mut self.used_touched) {
