@@ -143,7 +143,24 @@ impl Chain {
     }
 
     /// Drop the first `n` bytes (a header the backend does not take).
-    pub fn skip_front(&mut self, mut n: usize) {
+    #[inline]
+    pub fn skip_front(&mut self, n: usize) {
+        // Inline for the usual chain, header and frame in one buffer: the
+        // general loop out of line cost 4 % of a loopback worker.
+        if let (Some(v), Some(gpa)) = (self.iov.first_mut(), self.gpa.first_mut()) {
+            if v.iov_len > n {
+                // SAFETY: n < iov_len, stays inside the segment.
+                v.iov_base = unsafe { (v.iov_base as *mut u8).add(n) } as *mut libc::c_void;
+                v.iov_len -= n;
+                *gpa += n as u64;
+                return;
+            }
+        }
+        self.skip_segments(n);
+    }
+
+    #[inline(never)]
+    fn skip_segments(&mut self, mut n: usize) {
         let mut drop = 0;
         for (v, gpa) in self.iov.iter_mut().zip(self.gpa.iter_mut()) {
             if n == 0 {
@@ -1176,7 +1193,12 @@ pub(crate) mod tests {
             });
             c.gpa.push(gpa);
         }
-        c.skip_front(12);
+        // Inside the first segment (the inline case), then across it.
+        c.skip_front(3);
+        assert_eq!((c.iov().len(), c.gpa().len()), (2, 2));
+        assert_eq!(c.iov()[0].iov_len, 5);
+        assert_eq!(c.gpa()[0], 0x1003);
+        c.skip_front(9);
         assert_eq!((c.iov().len(), c.gpa().len()), (1, 1));
         assert_eq!(c.iov()[0].iov_len, 4);
         assert_eq!(c.iov()[0].iov_base as *const u8, unsafe {
