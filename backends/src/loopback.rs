@@ -108,14 +108,16 @@ impl Backend for Loopback {
         // middle of such a store, which cannot be forwarded; it waited for
         // every older store to reach the cache (half of tx_frame's
         // samples). A short first segment (never seen) reads `buf`.
+        let dst = buf.as_mut_ptr();
         let from = match segs.first() {
             Some(s) if s.iov_len >= 12 => s.iov_base as *const u8,
-            _ => buf.as_ptr(),
+            _ => dst as *const u8,
         };
-        // SAFETY: 12 readable bytes at `from` (the segment or `buf`, total
-        // >= 12) and writable ones at `buf`; `swap_macs` reads before it
-        // writes.
-        unsafe { swap_macs(from, buf.as_mut_ptr()) };
+        // SAFETY: 12 readable bytes at `from` (the segment, or `buf`, which
+        // holds total >= 12) and writable ones at `dst`, both derived
+        // after the last use of `buf` as a reference; `swap_macs` reads
+        // before it writes.
+        unsafe { swap_macs(from, dst) };
         let tail = (self.head + self.len) % SLOTS;
         self.fifo[tail] = (slot, total as u32);
         self.len += 1;

@@ -383,13 +383,16 @@ pub struct SplitRing {
     pub indirect: bool,
     /// Next avail entry to consume (the vhost "ring base").
     last_avail: Idx,
-    /// Next used entry to fill; published to the guest by `publish_used`.
+    /// Next used entry to fill; published to the guest by `publish`.
     next_used: Idx,
     /// Used index the guest last saw (for EVENT_IDX interrupt suppression).
     signalled_used: Idx,
-    /// `next_used` as last published (or synced): `publish` has work only
-    /// if it moved. Ours to know: reading the guest's used->idx back for
-    /// this waited on the line the driver polls, 4 % of the worker.
+    /// `next_used` as last published, or as the front end set it (sync):
+    /// `publish` has work only if it moved since. Kept here because
+    /// reading the guest's used->idx back for this waited on the line the
+    /// driver polls, 4 % of the worker. Where the two differ (a guest that
+    /// wrote the index, a base set apart from it), the guest's index is
+    /// put right by the next publish with an entry, not at once.
     published: Idx,
     /// Cached avail->idx, refreshed when we run out.
     avail_cache: Idx,
@@ -482,6 +485,7 @@ impl SplitRing {
     }
 
     pub fn avail_idx(&self) -> u16 {
+        // SAFETY: avail->idx, inside the avail ring translated in `new`.
         self.u16_at(unsafe { self.avail.add(2) })
             .load(Ordering::Acquire)
     }
@@ -492,12 +496,15 @@ impl SplitRing {
 
     fn used_event(&self) -> u16 {
         let off = 4 + 2 * self.size() as usize;
+        // SAFETY: used_event, the avail ring's last 2 of its 6 + 2*size
+        // bytes translated in `new`.
         self.u16_at(unsafe { self.avail.add(off) })
             .load(Ordering::Relaxed)
     }
 
     /// The used->idx currently in guest memory.
     pub fn used_idx(&self) -> u16 {
+        // SAFETY: used->idx, inside the used ring translated in `new`.
         self.u16_at(unsafe { self.used.add(2) })
             .load(Ordering::Acquire)
     }
@@ -508,6 +515,8 @@ impl SplitRing {
 
     fn set_avail_event(&self, v: u16) {
         let off = 4 + 8 * self.size() as usize;
+        // SAFETY: avail_event, the used ring's last 2 of its 6 + 8*size
+        // bytes translated in `new`.
         self.u16_at(unsafe { self.used.add(off) })
             .store(v, Ordering::Relaxed)
     }
@@ -781,7 +790,7 @@ impl SplitRing {
         }
     }
 
-    /// Write a used entry (not yet visible: see `publish_used`).
+    /// Write a used entry (not yet visible: see `publish`).
     pub fn put_used(&mut self, head: u16, len: u32) {
         let next = self.next_used.get();
         let slot = self.slot(next);
@@ -812,6 +821,7 @@ impl SplitRing {
         }
         self.published.set(new);
         // Entries and the buffers they describe before the index.
+        // SAFETY: used->idx, inside the used ring translated in `new`.
         self.u16_at(unsafe { self.used.add(2) })
             .store(new, Ordering::Release);
         // The index store must be visible before we read used_event/flags,
@@ -853,7 +863,8 @@ impl SplitRing {
     }
 
     /// Re-sync after the frontend set the ring base (or on first use):
-    /// consumed entries from `last_avail`, used from guest memory.
+    /// consumed entries from `last_avail`, used entries from `next_used`
+    /// (both as the front end's ring state has them).
     pub fn sync(&mut self, last_avail: u16, next_used: u16) {
         self.last_avail.set(last_avail);
         self.avail_cache.set(last_avail);
