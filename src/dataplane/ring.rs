@@ -385,14 +385,14 @@ pub struct SplitRing {
     last_avail: Idx,
     /// Next used entry to fill; published to the guest by `publish`.
     next_used: Idx,
-    /// Used index the guest last saw (for EVENT_IDX interrupt suppression).
-    signalled_used: Idx,
     /// `next_used` as last published, or as the front end set it (sync):
-    /// `publish` has work only if it moved since. Kept here because
-    /// reading the guest's used->idx back for this waited on the line the
-    /// driver polls, 4 % of the worker. Where the two differ (a guest that
-    /// wrote the index, a base set apart from it), the guest's index is
-    /// put right by the next publish with an entry, not at once.
+    /// the used index the guest last saw, for EVENT_IDX interrupt
+    /// suppression; `publish` has work only if `next_used` moved since.
+    /// Kept here because reading the guest's used->idx back for this
+    /// waited on the line the driver polls, 4 % of the worker. Where the
+    /// two differ (a guest that wrote the index, a base set apart from
+    /// it), the guest's index is put right by the next publish with an
+    /// entry, not at once.
     published: Idx,
     /// Cached avail->idx, refreshed when we run out.
     avail_cache: Idx,
@@ -459,7 +459,6 @@ impl SplitRing {
             indirect: false,
             last_avail: Idx::default(),
             next_used: Idx::default(),
-            signalled_used: Idx::default(),
             published: Idx::default(),
             avail_cache: Idx::default(),
             hot: Region::NONE,
@@ -816,7 +815,8 @@ impl SplitRing {
     /// was anything to publish: None if not, else whether to interrupt.
     pub fn publish(&mut self) -> Option<bool> {
         let new = self.next_used.get();
-        if self.published.get() == new {
+        let old = self.published.get();
+        if old == new {
             return None;
         }
         self.published.set(new);
@@ -829,11 +829,9 @@ impl SplitRing {
         fence(Ordering::SeqCst);
         if self.event_idx {
             let ev = self.used_event();
-            let old_sig = self.signalled_used.get();
-            self.signalled_used.set(new);
             // vring_need_event: the guest asked for an interrupt once used
-            // passes `ev`; did we pass it since we last signalled?
-            Some(new.wrapping_sub(ev).wrapping_sub(1) < new.wrapping_sub(old_sig))
+            // passes `ev`; did we pass it since we last published?
+            Some(new.wrapping_sub(ev).wrapping_sub(1) < new.wrapping_sub(old))
         } else {
             Some(self.avail_flags() & VRING_AVAIL_F_NO_INTERRUPT == 0)
         }
@@ -869,7 +867,6 @@ impl SplitRing {
         self.last_avail.set(last_avail);
         self.avail_cache.set(last_avail);
         self.next_used.set(next_used);
-        self.signalled_used.set(next_used);
         self.published.set(next_used);
     }
 }
