@@ -190,6 +190,13 @@ impl MemView {
         (gpa - r.gpa < r.len && r.perm.allows(need)).then_some(r)
     }
 
+    /// Whether `gpa` is mapped, for reading or writing or both.
+    pub fn maps(&self, gpa: u64) -> bool {
+        [Perm::Read, Perm::Write]
+            .into_iter()
+            .any(|p| self.find(gpa, p).is_some())
+    }
+
     /// The region holding `gpa`, if it allows `need`.
     #[inline]
     pub fn region(&self, gpa: u64, need: Perm) -> Option<Region> {

@@ -304,10 +304,7 @@ impl<D: VduseDev> Shared<D> {
             });
             changed.then(|| {
                 let v = t.view();
-                if [Perm::Read, Perm::Write]
-                    .into_iter()
-                    .any(|p| v.translate(addr, 1, p).is_some())
-                {
+                if v.maps(addr) {
                     debug!("{}: IOVA {addr:#x} found on a miss", sh.name);
                 } else {
                     debug!(
@@ -480,9 +477,7 @@ impl<D: VduseDev> Shared<D> {
         }
         st.started = true;
         let event_idx = features & crate::net::F_EVENT_IDX != 0;
-        let low = [Perm::Read, Perm::Write]
-            .into_iter()
-            .any(|p| view.translate(0, 1, p).is_some());
+        let low = view.maps(0);
         self.qp.apply(move |s| {
             s.mem = view;
             s.qp.sync_features(features);
